@@ -1,0 +1,63 @@
+"""Attention through `jax.nn.dot_product_attention`, with the kernel chosen once.
+
+cuDNN's fused attention runs on NVIDIA GPUs for half-precision inputs with a
+head dim that is a multiple of 8 (at most 128 before Hopper, 256 on Hopper and
+later); everything else takes XLA's implementation. The choice and its reason
+are logged the first time each (dtype, head_dim) combination is seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+Implementation = Literal["auto", "cudnn", "xla"]
+
+
+@functools.cache
+def choose_implementation(requested: Implementation, dtype: str, head_dim: int) -> tuple[str, str]:
+    """Returns `(implementation, reason)` for `jax.nn.dot_product_attention`."""
+    if requested == "xla":
+        return "xla", "requested"
+    device = jax.devices()[0]
+    reasons = []
+    if device.platform != "gpu":
+        reasons.append(f"platform is {device.platform}")
+    if dtype not in ("bfloat16", "float16"):
+        reasons.append(f"dtype is {dtype} (cuDNN attention needs bfloat16/float16)")
+    if head_dim % 8:
+        reasons.append(f"head_dim {head_dim} is not a multiple of 8")
+    cc = getattr(device, "compute_capability", None)
+    limit = 256 if cc is not None and float(cc) >= 9.0 else 128
+    if head_dim > limit:
+        reasons.append(f"head_dim {head_dim} > {limit} on this GPU")
+    if reasons:
+        if requested == "cudnn":
+            raise ValueError("attention implementation 'cudnn' was requested but cannot run: " + "; ".join(reasons))
+        return "xla", "; ".join(reasons)
+    return "cudnn", f"{device.device_kind}, {dtype}, head_dim {head_dim}"
+
+
+@functools.cache
+def _log_choice(impl: str, reason: str, dtype: str, head_dim: int) -> None:
+    log.info("attention kernel for %s head_dim=%d: %s (%s)", dtype, head_dim, impl, reason)
+
+
+def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_causal: bool = False,
+                          kv_lengths=None):
+    """`q [B, T, N, H]`, `k, v [B, S, K, H]` (K divides N: GQA) -> `[B, T, N, H]`.
+
+    `kv_lengths [B]` masks keys at positions >= length (right padding).
+    """
+    impl, reason = choose_implementation(requested, jnp.dtype(q.dtype).name, q.shape[-1])
+    _log_choice(impl, reason, jnp.dtype(q.dtype).name, q.shape[-1])
+    if kv_lengths is not None:
+        kv_lengths = jnp.maximum(kv_lengths.astype(jnp.int32), 1)  # an empty row would divide by zero
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
+                                        implementation=impl)

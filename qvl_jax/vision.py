@@ -1,0 +1,142 @@
+"""The Qwen2.5-VL vision tower in Flax NNX; mirrors HF's `Qwen2_5_VisionTransformerPretrainedModel`."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from qvl_core.model_config import VisionConfig
+from qvl_jax.attention import dot_product_attention
+from qvl_jax.options import ACTIVATIONS, RuntimeOptions
+from qvl_jax.rotary import apply_rotary, vision_cos_sin
+from qvl_jax.vision_layout import Segments, VisionLayout
+
+
+def _linear(cfg_init: float, d_in: int, d_out: int, bias: bool, opts: RuntimeOptions, rngs: nnx.Rngs):
+    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(cfg_init),
+                      rngs=rngs, **opts.linear_kwargs())
+
+
+def _rms_norm(dim: int, eps: float, opts: RuntimeOptions, rngs: nnx.Rngs):
+    return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, **opts.linear_kwargs())
+
+
+def take_rows(x, index):
+    """`x [B, N, ...]`, `index [B, M]` -> `[B, M, ...]`."""
+    index = jnp.asarray(index).reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def segment_attention(q, k, v, seg: Segments, requested: str):
+    """Attention within each segment of `q, k, v [B, N, H, D]` -> `[B, N, H, D]`."""
+    b, n, h, d = q.shape
+    if seg.uniform is not None:
+        s = seg.uniform
+        q, k, v = (x.reshape(b * n // s, s, h, d) for x in (q, k, v))
+        return dot_product_attention(q, k, v, requested=requested).reshape(b, n, h, d)
+    g, s = seg.gather.shape[1:]
+    flat = seg.gather.reshape(b, g * s)
+    q, k, v = (take_rows(x, flat).reshape(b * g, s, h, d) for x in (q, k, v))
+    out = dot_product_attention(q, k, v, requested=requested, kv_lengths=jnp.asarray(seg.lengths.reshape(-1)))
+    return take_rows(out.reshape(b, g * s, h, d), seg.scatter)
+
+
+class PatchEmbed(nnx.Module):
+    """HF's Conv3d with kernel == stride over a flattened (C, T, P, P) patch is a matmul; stored as one."""
+
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        self.proj = _linear(cfg.initializer_range, cfg.patch_dim, cfg.hidden_size, False, opts, rngs)
+
+    def __call__(self, pixel_values):  # [B, N, C*T*P*P] -> [B, N, D]
+        return self.proj(pixel_values)
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        init, d, f = cfg.initializer_range, cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(init, d, f, True, opts, rngs)
+        self.up_proj = _linear(init, d, f, True, opts, rngs)
+        self.down_proj = _linear(init, f, d, True, opts, rngs)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = _linear(cfg.initializer_range, cfg.hidden_size, 3 * cfg.hidden_size, True, opts, rngs)
+        self.proj = _linear(cfg.initializer_range, cfg.hidden_size, cfg.hidden_size, True, opts, rngs)
+        self.requested = opts.attention
+
+    def __call__(self, x, cos, sin, seg: Segments):  # x [B, N, D]
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k = apply_rotary(qkv[:, :, 0], qkv[:, :, 1], cos, sin)
+        out = segment_attention(q, k, qkv[:, :, 2], seg, self.requested)
+        return self.proj(out.reshape(b, n, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        self.norm1 = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        self.norm2 = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        self.attn = VisionAttention(cfg, opts, rngs)
+        self.mlp = VisionMLP(cfg, opts, rngs)
+
+    def __call__(self, x, cos, sin, seg: Segments):
+        x = x + self.attn(self.norm1(x), cos, sin, seg)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then each 2x2 group of neighbouring patches -> one token of the decoder's width."""
+
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        wide = cfg.hidden_size * cfg.merge_unit
+        self.merge_unit = cfg.merge_unit
+        self.ln_q = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        self.mlp_0 = _linear(cfg.initializer_range, wide, wide, True, opts, rngs)
+        self.mlp_2 = _linear(cfg.initializer_range, wide, cfg.out_hidden_size, True, opts, rngs)
+
+    def __call__(self, x):  # [B, N, D] -> [B, N/4, out_hidden]
+        b, n, d = x.shape
+        x = self.ln_q(x).reshape(b, n // self.merge_unit, d * self.merge_unit)
+        return self.mlp_2(ACTIVATIONS["gelu"](self.mlp_0(x)))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
+        self.config, self.opts = cfg, opts
+        self.patch_embed = PatchEmbed(cfg, opts, rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, opts, rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, opts, rngs)
+
+    def __call__(self, pixel_values, layout: VisionLayout):
+        """`pixel_values [B, N, C*T*P*P]` in the processor's patch order -> `[B, N/4, out_hidden]`.
+
+        The output is in HF's token order (the window permutation undone);
+        rows past an image's own `N_b/4` tokens (padding) are zero.
+        """
+        cfg, opts = self.config, self.opts
+        x = self.patch_embed(pixel_values.astype(opts.jnp_dtype))
+        x = take_rows(x, layout.perm)
+        cos, sin = vision_cos_sin(layout.pos_hw, cfg.head_dim, cfg.rope_theta)
+        full = set(cfg.fullatt_block_indexes)
+        run_window = opts.maybe_remat(_partial(layout.window))
+        run_full = opts.maybe_remat(_partial(layout.full))
+        for i, block in enumerate(self.blocks):
+            x = (run_full if i in full else run_window)(block, x, cos, sin)
+        y = take_rows(self.merger(x), layout.unperm_merged)
+        if int(layout.lengths.min()) < layout.num_patches:
+            valid = jnp.arange(y.shape[1])[None, :] < jnp.asarray(layout.lengths // cfg.merge_unit)[:, None]
+            y = jnp.where(valid[..., None], y, 0)
+        return y
+
+
+def _partial(seg: Segments):
+    """A block call with its (static, numpy) segments closed over, so `nnx.remat` sees only arrays."""
+    def run(block: VisionBlock, x, cos, sin):
+        return block(x, cos, sin, seg)
+    return run
