@@ -59,5 +59,13 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
     _log_choice(impl, reason, jnp.dtype(q.dtype).name, q.shape[-1])
     if kv_lengths is not None:
         kv_lengths = jnp.maximum(kv_lengths.astype(jnp.int32), 1)  # an empty row would divide by zero
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
-                                        implementation=impl)
+    out_dtype = q.dtype
+    if impl == "xla":
+        # XLA's kernel rounds the probabilities and, in the backward pass, dO @ V^T to
+        # the input dtype before the softmax gradient's cancelling subtraction; in
+        # bfloat16 that doubles the gradient error of everything upstream. The
+        # fall-back therefore runs in float32 (cuDNN accumulates in float32 itself).
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
+                                       implementation=impl)
+    return out.astype(out_dtype)

@@ -68,6 +68,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
                 got = tuple(st.get_slice(key).get_shape())
                 if got != want:
                     mis_shaped.append(f"{key}: checkpoint {got}, model expects {want}")
+                    filled.add(jax_path)  # present, reported as mis-shaped rather than missing
                     continue
                 array = param_map.to_jax(kind, st.get_tensor(key))
                 slot.set_value(jnp.asarray(array, dtype=param_dtype))

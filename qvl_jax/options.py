@@ -56,3 +56,8 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+
+
+def swiglu(act, gate, up):
+    """`act(gate) * up` in float32, rounded once (two roundings in bfloat16 would double the error)."""
+    return (act(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)

@@ -7,7 +7,7 @@ from flax import nnx
 
 from qvl_core.model_config import QwenVLConfig, TextConfig
 from qvl_jax.attention import dot_product_attention
-from qvl_jax.options import ACTIVATIONS, RuntimeOptions
+from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, mrope_cos_sin
 from qvl_jax.vision import _linear, _rms_norm
 
@@ -43,7 +43,7 @@ class TextMLP(nnx.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):

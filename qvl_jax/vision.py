@@ -7,13 +7,14 @@ from flax import nnx
 
 from qvl_core.model_config import VisionConfig
 from qvl_jax.attention import dot_product_attention
-from qvl_jax.options import ACTIVATIONS, RuntimeOptions
+from qvl_jax.linear import Linear
+from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, vision_cos_sin
 from qvl_jax.vision_layout import Segments, VisionLayout
 
 
 def _linear(cfg_init: float, d_in: int, d_out: int, bias: bool, opts: RuntimeOptions, rngs: nnx.Rngs):
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(cfg_init),
+    return Linear(d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(cfg_init),
                       rngs=rngs, **opts.linear_kwargs())
 
 
@@ -60,7 +61,7 @@ class VisionMLP(nnx.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.act, self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionAttention(nnx.Module):
@@ -103,7 +104,8 @@ class PatchMerger(nnx.Module):
     def __call__(self, x):  # [B, N, D] -> [B, N/4, out_hidden]
         b, n, d = x.shape
         x = self.ln_q(x).reshape(b, n // self.merge_unit, d * self.merge_unit)
-        return self.mlp_2(ACTIVATIONS["gelu"](self.mlp_0(x)))
+        h = self.mlp_0(x)
+        return self.mlp_2(ACTIVATIONS["gelu"](h.astype(jnp.float32)).astype(h.dtype))  # rounded once, like torch
 
 
 class VisionTransformer(nnx.Module):

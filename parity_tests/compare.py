@@ -1,0 +1,301 @@
+"""qvl_jax against qvl_torch on the same HF directory: the numerical contract of DESIGN.md.
+
+Float32 ("highest" matmul precision): end to end (image features, last hidden
+state, logits, loss) <= 1e-4 relative L2; gradients per parameter tensor
+<= 1e-4; parameters after 3 AdamW steps <= 1e-4. bfloat16: each side against
+the float32 torch result; the JAX error may be at most max(1.5 x the torch
+error, 1e-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+FP32_LIMIT = 1e-4
+BF16_RATIO, BF16_FLOOR = 1.5, 1e-2
+# eps 1e-6, not torch's 1e-8: some k_proj.bias gradient elements are zero up to roundoff (softmax is
+# shift-invariant), and with eps=1e-8 Adam scales that 1e-10 noise into full +-lr steps, so the
+# comparison would measure noise amplification rather than the optimizer.
+ADAMW = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
+
+
+@dataclasses.dataclass
+class Result:
+    rel_l2: float
+    limit: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.rel_l2) and self.rel_l2 <= self.limit)
+
+    def to_json(self) -> dict:
+        return {"rel_l2": self.rel_l2, "limit": self.limit, "ok": self.ok}
+
+
+def rel_l2(a, b) -> float:
+    """||a - b|| / ||b|| in float64 (absolute when b is all zeros)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    den = np.linalg.norm(b)
+    num = np.linalg.norm(a - b)
+    return float(num / den) if den > 0 else float(num)
+
+
+def param_sizes(checkpoint) -> dict[str, int]:
+    """Element count of every tensor in a checkpoint, by canonical HF key."""
+    from safetensors import safe_open
+
+    from qvl_core.hf_checkpoint import weight_files
+    from qvl_jax import param_map
+    out = {}
+    for f in weight_files(checkpoint):
+        with safe_open(f, framework="np") as st:
+            for k in st.keys():
+                out[param_map.canonical_hf_key(k)] = int(np.prod(st.get_slice(k).get_shape()))
+    return out
+
+
+def image_batches(image_sizes: Sequence[tuple[int, int]], seed: int, patch: int = 14, batch: int = 2):
+    """One batch of `batch` same-size images per size, then one batch mixing all sizes."""
+    from parity_tests.tiny import random_batch
+    out = []
+    for i, (h, w) in enumerate(image_sizes):
+        grids = [(1, h // patch, w // patch)] * batch
+        out.append((f"{h}x{w}", *random_batch(grids, seed=seed + i)))
+    if len(image_sizes) > 1:
+        grids = [(1, h // patch, w // patch) for h, w in image_sizes]
+        out.append(("mixed", *random_batch(grids, seed=seed + 100)))
+    return out
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        h, _, w = item.strip().partition("x")
+        sizes.append((int(h), int(w)))
+    return sizes
+
+
+class Sides:
+    """The JAX model and the torch model(s) for one checkpoint and dtype."""
+
+    def __init__(self, checkpoint, *, dtype: str, mode: str | None, num_labels: int | None, head_seed: int = 0):
+        import jax
+        import torch
+
+        import qvl_jax
+        import qvl_torch
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = dtype
+        kw = dict(mode=mode, num_labels=num_labels, head_seed=head_seed)
+        self.jax = qvl_jax.load_hf(checkpoint, dtype=dtype, **kw)
+        # For the optimizer comparison: float32 master weights computing in `dtype`.
+        self.jax_master = qvl_jax.load_hf(checkpoint, dtype="float32", compute_dtype=dtype, **kw)
+        self.config = self.jax.config
+        if self.config.head.num_labels is None:
+            raise ValueError(f"{checkpoint} has no stored head: pass num_labels")
+        self.torch = qvl_torch.load_pretrained(checkpoint, dtype=dtype, **kw).to(self.device)
+        self.torch_ref = (self.torch if dtype == "float32" else
+                          qvl_torch.load_pretrained(checkpoint, dtype="float32", **kw).to(self.device))
+
+    # ----------------------------------------------------------------- forward
+    def forward_jax(self, pix, grids):
+        import jax.numpy as jnp
+        from flax import nnx
+        grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
+        fwd = nnx.jit(lambda m, p: (m.encode_image(p, grids_t), m(p, grids_t)))
+        feats, out = fwd(self.jax, jnp.asarray(pix))
+        return {"image_features": np.asarray(feats, np.float32), "last_hidden_state":
+                np.asarray(out.last_hidden_state, np.float32), "logits": np.asarray(out.logits, np.float32)}
+
+    def forward_torch(self, model, pix, grids):
+        import torch
+        with torch.no_grad():
+            x = torch.from_numpy(pix).to(self.device)
+            out = model(x, grids)
+            feats = _torch_image_features(model, x, grids)
+        return {"image_features": feats, "last_hidden_state": out.last_hidden_state.float().cpu().numpy(),
+                "logits": out.logits.float().cpu().numpy()}
+
+    # ------------------------------------------------------------------- grads
+    def loss_and_grads_jax(self, model, pix, grids, labels):
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+
+        from qvl_jax import param_map
+        grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
+
+        def loss_fn(m):
+            logits = m(jnp.asarray(pix), grids_t).logits
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+
+        loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+        return float(loss), _jax_to_hf_named(grads, self.config, param_map)
+
+    def loss_and_grads_torch(self, model, pix, grids, labels):
+        import torch
+        model.zero_grad(set_to_none=True)
+        x = torch.from_numpy(pix).to(self.device)
+        logits = model(x, grids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels).long().to(self.device))
+        loss.backward()
+        return float(loss), _torch_named(model, lambda p: p.grad)
+
+
+def _torch_image_features(model, x, grids):
+    """The vision tower's merged features, padded like qvl_jax's `[B, N/4, out_hidden]`."""
+    import torch
+    grid = torch.as_tensor(np.asarray(grids), dtype=torch.long)
+    counts = grid.prod(-1).tolist()
+    packed = torch.cat([x[b, :n] for b, n in enumerate(counts)])
+    visual = model.model.visual
+    feats = visual(packed.to(visual.dtype), grid_thw=grid).pooler_output.float()
+    merge = model.config.vision.merge_unit
+    per = torch.split(feats, [c // merge for c in counts])
+    return torch.nn.utils.rnn.pad_sequence(list(per), batch_first=True).cpu().numpy()
+
+
+def _torch_named(model, get) -> dict[str, np.ndarray]:
+    from qvl_jax import param_map
+    out = {}
+    for name, p in model.named_parameters():
+        key = param_map.canonical_hf_key(name[len("model."):] if name.startswith("model.") else name)
+        value = get(p)
+        if value is not None:
+            out[key] = value.detach().float().cpu().numpy()
+    return out
+
+
+def _jax_to_hf_named(state, cfg, param_map) -> dict[str, np.ndarray]:
+    from flax import nnx
+    v = cfg.vision
+    patch = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        key, kind = param_map.jax_to_hf(".".join(map(str, path)))
+        arr = np.asarray(var.get_value(), np.float32)
+        out[key] = param_map.to_hf(kind, arr, (arr.shape[-1], *patch) if kind == "patch_conv" else None)
+    return out
+
+
+def run(checkpoint: str | os.PathLike, *, dtype: str = "float32", image_sizes=((140, 252), (56, 56)),
+        mode: str | None = None, num_labels: int | None = None, seed: int = 0, train: bool = True,
+        sides: Sides | None = None) -> dict[str, Result]:
+    """All comparisons for one checkpoint; returns `{quantity: Result}`."""
+    sides = sides or Sides(checkpoint, dtype=dtype, mode=mode, num_labels=num_labels)
+    cfg = sides.config
+    rng = np.random.default_rng(seed)
+    results: dict[str, Result] = {}
+
+    def record(name: str, jax_val, torch_val, ref_val):
+        if dtype == "float32":
+            results[name] = Result(rel_l2(jax_val, ref_val), FP32_LIMIT)
+        else:
+            torch_err = rel_l2(torch_val, ref_val)
+            results[name] = Result(rel_l2(jax_val, ref_val), max(BF16_RATIO * torch_err, BF16_FLOOR))
+
+    batches = image_batches(list(image_sizes), seed)
+    for tag, pix, grids in batches:
+        j = sides.forward_jax(pix, grids)
+        t = sides.forward_torch(sides.torch, pix, grids)
+        r = t if sides.torch_ref is sides.torch else sides.forward_torch(sides.torch_ref, pix, grids)
+        keys = ["image_features", "logits"] + (["last_hidden_state"] if cfg.head.mode == "vlm" else [])
+        for k in keys:
+            jv, tv, rv = j[k], t[k], r[k]
+            if k == "last_hidden_state":  # padded positions of shorter rows are not outputs
+                mask = _valid_positions(cfg, grids)
+                jv, tv, rv = jv[mask], tv[mask], rv[mask]
+            record(f"{k}@{tag}", jv, tv, rv)
+    if not train:
+        return results
+
+    # Loss and gradients on the first batch, then 3 AdamW steps on three batches.
+    tag, pix, grids = batches[0]
+    labels = rng.integers(0, cfg.head.num_labels, size=len(grids))
+    jl, jg = sides.loss_and_grads_jax(sides.jax, pix, grids, labels)
+    tl, tg = sides.loss_and_grads_torch(sides.torch, pix, grids, labels)
+    rl, rg = (tl, tg) if sides.torch_ref is sides.torch else sides.loss_and_grads_torch(sides.torch_ref, pix,
+                                                                                          grids, labels)
+    record(f"loss@{tag}", jl, tl, rl)
+    for key in sorted(rg):
+        record(f"grad/{key}", jg[key], tg[key], rg[key])
+    steps = [(pix, grids, labels)] + [(*image_batches([image_sizes[0]], seed + 10 + s)[0][1:],
+                                       rng.integers(0, cfg.head.num_labels, size=len(grids))) for s in range(2)]
+    jp = adamw_jax(sides, steps)
+    tp = adamw_torch(sides, sides.torch, steps)
+    rp = tp if sides.torch_ref is sides.torch else adamw_torch(sides, sides.torch_ref, steps)
+    for key in sorted(rp):
+        record(f"adamw3/{key}", jp[key], tp[key], rp[key])
+    return results
+
+
+def _valid_positions(cfg, grids) -> np.ndarray:
+    from qvl_core.sequence import build_input_ids
+    _, mask = build_input_ids(cfg, grids)
+    return mask.astype(bool)
+
+
+def adamw_jax(sides: Sides, steps) -> dict[str, np.ndarray]:
+    import optax
+    from flax import nnx
+
+    from qvl_jax import param_map
+    model = sides.jax_master
+    opt = nnx.Optimizer(model, optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"],
+                                           weight_decay=ADAMW["weight_decay"]), wrt=nnx.Param)
+    for pix, grids, labels in steps:
+        _, grads = _grads_state(model, pix, grids, labels)
+        opt.update(model, grads)
+    return _jax_to_hf_named(nnx.state(model, nnx.Param), sides.config, param_map)
+
+
+def _grads_state(model, pix, grids, labels):
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
+
+    def loss_fn(m):
+        logits = m(jnp.asarray(pix), grids_t).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+
+    return nnx.jit(nnx.value_and_grad(loss_fn))(model)
+
+
+def adamw_torch(sides: Sides, model, steps) -> dict[str, np.ndarray]:
+    """AdamW on float32 master weights; forward and backward in the model's dtype (DeepSpeed's bf16 scheme)."""
+    import copy
+
+    import torch
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(master, lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
+                            weight_decay=ADAMW["weight_decay"])
+    for pix, grids, labels in steps:
+        sides.loss_and_grads_torch(model, pix, grids, labels)
+        for p, m in zip(params, master):
+            m.grad = p.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, master):
+                p.copy_(m)
+    return _named_master(model, master)
+
+
+def _named_master(model, master) -> dict[str, np.ndarray]:
+    from qvl_jax import param_map
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {param_map.canonical_hf_key(n[len("model."):] if n.startswith("model.") else n):
+            m.detach().cpu().numpy() for n, m in zip(names, master)}

@@ -1,0 +1,54 @@
+"""`nnx.Linear` with one rounding per layer in half precision, like a fused GEMM + bias epilogue.
+
+Plain `nnx.Linear` in bfloat16 rounds the matmul output, adds the bias, and
+rounds again. cuBLAS and oneDNN (what torch runs) add the bias to the float32
+accumulator and round once; so does this layer. Its matmul returns float32
+(`preferred_element_type`), the bias is added in float32, and the output is
+cast to the compute dtype. A custom VJP keeps the backward matmuls in the
+compute dtype, so the float32 accumulator costs no float32 GEMMs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dot_f32(x, w, dimension_numbers, precision):
+    return jax.lax.dot_general(x, w, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _dot_f32_fwd(x, w, dimension_numbers, precision):
+    return _dot_f32(x, w, dimension_numbers, precision), (x, w)
+
+
+def _dot_f32_bwd(dimension_numbers, precision, res, ct):
+    x, w = res
+    # nnx.Linear contracts the last axis of x with the first axis of w: x [..., I], w [I, O].
+    ct = ct.astype(x.dtype)
+    dx = jnp.einsum("...o,io->...i", ct, w, precision=precision, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...i,...o->io", x, ct, precision=precision, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
+
+
+def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or lb or rb or x.dtype == jnp.float32:
+        return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    return _dot_f32(x, w, ((tuple(lc), tuple(rc)), ((), ())), precision)
+
+
+class Linear(nnx.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, dot_general=_dot_general, **kwargs)
+
+    def __call__(self, x):
+        return super().__call__(x).astype(self.dtype or x.dtype)
