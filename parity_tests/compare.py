@@ -150,7 +150,7 @@ class Sides:
         logits = model(x, grids).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), torch.from_numpy(labels).long().to(self.device))
         loss.backward()
-        return float(loss), _torch_named(model, lambda p: p.grad)
+        return float(loss.detach()), _torch_named(model, lambda p: p.grad)
 
 
 def _torch_image_features(model, x, grids):
