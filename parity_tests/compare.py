@@ -129,18 +129,8 @@ class Sides:
 
     # ------------------------------------------------------------------- grads
     def loss_and_grads_jax(self, model, pix, grids, labels):
-        import jax.numpy as jnp
-        import optax
-        from flax import nnx
-
         from qvl_jax import param_map
-        grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
-
-        def loss_fn(m):
-            logits = m(jnp.asarray(pix), grids_t).logits
-            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
-
-        loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+        loss, grads = _grads_state(model, pix, grids, labels)
         return float(loss), _jax_to_hf_named(grads, self.config, param_map)
 
     def loss_and_grads_torch(self, model, pix, grids, labels):
