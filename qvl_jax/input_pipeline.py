@@ -1,0 +1,54 @@
+"""grain loaders over the framework-free sources of `qvl_core.data`.
+
+The order of records is fixed by the source (`TrainSource` maps stream positions
+to records), so grain only shards positions over processes, batches, runs the
+decode/augment in workers and keeps a checkpointable iterator. Process p of P
+reads positions p, p+P, p+2P, ...; its k-th batch and the other processes' k-th
+batches together are positions [k*B, (k+1)*B) of the stream, whatever P is.
+"""
+
+from __future__ import annotations
+
+import grain
+
+
+def _absl_parsed() -> None:
+    # grain's worker processes read absl flags; unparsed flags raise UnparsedFlagAccessError.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_loader(
+    source,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_threads: int = 2,
+    prefetch: int = 4,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """Per-process batches of `source` (a random-access qvl source).
+
+    `batch_size` is this process's share of the global batch. `num_workers` > 0
+    decodes in that many spawned processes (the entry point needs an
+    `if __name__ == "__main__":` guard); 0 decodes in `num_threads` threads here.
+    Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()`
+    save and restore its position exactly.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        _absl_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+    return it
