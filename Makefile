@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo parity clean
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ test: venv
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 demo: venv
+	$(PY) -m qvl_jax.train --config configs/demo.yaml
+
+parity: venv
 	$(PY) -m parity_tests.demo
 
 clean:

@@ -65,7 +65,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise SchemaError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return dict(value)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +32,17 @@ log = logging.getLogger(__name__)
 
 def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: str = "float32",
             mode: str | None = None, pooling: str | None = None, compute_dtype: str | None = None,
-            opts: RuntimeOptions | None = None, head_seed: int = 0) -> QwenVLClassifier:
+            opts: RuntimeOptions | None = None, head_seed: int = 0,
+            place: Callable[[str, np.ndarray], jax.Array] | None = None) -> QwenVLClassifier:
     """Builds a `QwenVLClassifier` from a local HF Qwen2.5-VL directory.
 
     `dtype` is the parameter dtype (`compute_dtype` defaults to it; `opts`
     overrides both). `mode`/`pooling` default to what the checkpoint stored,
     else `vlm`/`last`. A checkpoint without a head gets a fresh one
-    (seeded by `head_seed`) when `num_labels` is given.
+    (seeded by `head_seed`) when `num_labels` is given. `place(jax_path, array)`
+    puts each tensor where it belongs (e.g. `jax.make_array_from_callback` with the
+    parameter's sharding), so no device holds more than its share; default: the
+    default device.
     """
     cfg, files = resolve_config(path, num_labels=num_labels, mode=mode, pooling=pooling)
     opts = opts or RuntimeOptions(param_dtype=dtype, dtype=compute_dtype or dtype)
@@ -50,6 +55,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
     filled: set[str] = set()
     unexpected, mis_shaped = [], []
     param_dtype = DTYPES[opts.param_dtype]
+    put = place or (lambda _path, array: jnp.asarray(array))
     for f in files:
         with safe_open(f, framework="np") as st:
             for key in st.keys():
@@ -71,7 +77,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
                     filled.add(jax_path)  # present, reported as mis-shaped rather than missing
                     continue
                 array = param_map.to_jax(kind, st.get_tensor(key))
-                slot.set_value(jnp.asarray(array, dtype=param_dtype))
+                slot.set_value(put(jax_path, np.asarray(array).astype(param_dtype)))
                 filled.add(jax_path)
     missing = sorted(set(slots) - filled)
     head_missing = [p for p in missing if p.startswith("classifier.")]
@@ -82,8 +88,8 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
         log.info("%s has no classification head; initialising one with %d labels (seed %d)", path,
                  cfg.head.num_labels, head_seed)
         head = init_head(cfg, head_seed)
-        slots["classifier.kernel"].set_value(jnp.asarray(head["classifier.weight"].T, param_dtype))
-        slots["classifier.bias"].set_value(jnp.asarray(head["classifier.bias"], param_dtype))
+        slots["classifier.kernel"].set_value(put("classifier.kernel", head["classifier.weight"].T.astype(param_dtype)))
+        slots["classifier.bias"].set_value(put("classifier.bias", head["classifier.bias"].astype(param_dtype)))
     return nnx.merge(graphdef, state)
 
 

@@ -1,0 +1,96 @@
+"""orbax checkpoints of a run: model + optimizer state, the grain iterator, and run metadata.
+
+    <run>/checkpoints/<step>/state   params, frozen params, optimizer state (orbax, sharded arrays)
+    <run>/checkpoints/<step>/data    the grain iterator of every process (one JSON per process)
+    <run>/checkpoints/<step>/meta    step, best step/accuracy, label map, resolved config
+    <run>/checkpoints/best.json      {"step": ..., "accuracy": ...}: the best checkpoint by eval accuracy
+
+The newest `keep` checkpoints and the best one are kept (a best-only policy could
+delete the newest step, which resumption needs). Restoring takes the shardings of
+the state it is given, so a run may resume on another number of devices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _rank(metrics: dict) -> tuple[float, int]:
+    return metrics["accuracy"], -metrics["step"]  # best accuracy; the earliest step on ties
+
+
+class Checkpoints:
+    def __init__(self, directory: Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(n=max(1, keep)),
+            ocp.checkpoint_managers.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: dict, iterator, meta: dict, *, accuracy: float | None) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(iterator),
+                                  meta=ocp.args.JsonSave(meta))
+        metrics = None if accuracy is None else {"accuracy": float(accuracy), "step": step}
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        best = meta.get("best") or {}
+        if jax.process_index() == 0 and best.get("step") is not None:
+            (self.directory / "best.json").write_text(json.dumps(best) + "\n")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    @staticmethod
+    def resolve(resume_from: str | None, run_dir: Path) -> Path | None:
+        """The step directory to resume from: `auto` (this run's latest, if any), a step, checkpoints/ or run dir."""
+        if resume_from is None:
+            return None
+        if resume_from == "auto":
+            found = Checkpoints.latest(Path(run_dir) / "checkpoints")
+            if found is None:
+                log.info("--resume_from auto: no checkpoint in %s, starting fresh", run_dir)
+            return found
+        path = Path(resume_from)
+        if not path.exists():
+            raise FileNotFoundError(f"--resume_from {path}: no such directory")
+        if path.name.isdigit() and (path / "state").exists():
+            return path
+        for candidate in (path, path / "checkpoints"):
+            found = Checkpoints.latest(candidate)
+            if found is not None:
+                return found
+        raise FileNotFoundError(f"--resume_from {path}: no checkpoint (<step>/state) there or in {path / 'checkpoints'}")
+
+    @staticmethod
+    def latest(directory: Path) -> Path | None:
+        if not directory.is_dir():
+            return None
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").exists())
+        return directory / str(steps[-1]) if steps else None
+
+    def restore(self, step_dir: Path, template: dict, iterator) -> tuple[dict, dict]:
+        """(state laid out like `template`, meta); sets `iterator` to the saved position."""
+        step_dir = Path(step_dir).absolute()
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        reader = self.manager if step_dir.parent == self.directory else ocp.CheckpointManager(step_dir.parent)
+        restored = reader.restore(int(step_dir.name), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(iterator),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return restored["state"], restored["meta"]

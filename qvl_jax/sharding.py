@@ -1,0 +1,89 @@
+"""The mesh and the layout of parameters, gradients and optimizer state on it.
+
+One `data` axis over every device of every process. Strategies (DESIGN.md):
+
+    dp     params, grads, optimizer state replicated; XLA all-reduces the grads
+    zero2  params replicated; grads and AdamW moments sharded over `data`, so XLA
+           reduce-scatters the grads, each device updates its shard, and the new
+           params are all-gathered back (the `out_shardings` of the step)
+    fsdp   params sharded too (ZeRO-3): gathered per use inside the step
+
+An array is sharded along its largest dimension divisible by the axis size;
+arrays under `min_shard_size` elements (biases, norms, the AdamW step count)
+stay replicated. Everything here is sharding metadata: XLA writes the collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA,), axis_types=(AxisType.Auto,))
+
+
+def shard_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
+    """`P` with `data` on the largest dimension it divides, or replicated."""
+    if axis_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % axis_size == 0:
+            spec = [None] * len(shape)
+            spec[d] = DATA
+            return P(*spec)
+    return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Shardings for one strategy on one mesh."""
+
+    mesh: Mesh
+    strategy: str
+    min_shard_size: int = 2**14
+
+    @property
+    def axis_size(self) -> int:
+        return self.mesh.shape[DATA]
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def sharded(self, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, shard_spec(tuple(shape), self.axis_size, self.min_shard_size))
+
+    def params(self, tree: Any) -> Any:
+        """Shardings of a parameter pytree (of arrays or ShapeDtypeStructs)."""
+        if self.strategy == "fsdp":
+            return jax.tree.map(lambda x: self.sharded(x.shape), tree)
+        return jax.tree.map(lambda x: self.replicated(), tree)
+
+    def optimizer(self, tree: Any) -> Any:
+        """Shardings of the optimizer state (and of the gradients before the update)."""
+        if self.strategy == "dp":
+            return jax.tree.map(lambda x: self.replicated(), tree)
+        return jax.tree.map(lambda x: self.sharded(x.shape), tree)
+
+    def batch(self, ndim: int, axis: int = 0) -> NamedSharding:
+        """Examples split over `data` along `axis`."""
+        spec = [None] * ndim
+        spec[axis] = DATA
+        return NamedSharding(self.mesh, P(*spec))
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` laid out by `shardings` (the largest shard per array)."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))):
+        shape = sharding.shard_shape(tuple(leaf.shape))
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total

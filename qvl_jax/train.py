@@ -1,0 +1,642 @@
+"""Fine-tune Qwen2.5-VL as an image classifier with JAX.
+
+    python -m qvl_jax.train --config configs/demo.yaml [--set training.batch_size=4 ...] [--resume_from PATH|auto]
+
+Sections: set-up (processes, logging) -> data -> mesh and batch geometry -> model
+and optimizer (created sharded) -> update and eval steps -> checkpoints (resume)
+-> the loop. What a run leaves behind is listed in the README ("What a run writes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qvl_core import flops as flops_lib
+from qvl_core.config import RunConfig, dump_config, load_config
+from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, load_data
+from qvl_core.hf_checkpoint import CheckpointError, resolve_config
+from qvl_core.metrics import MetricsLogger
+from qvl_core.model_config import ConfigError, QwenVLConfig
+from qvl_core.schema import SchemaError
+from qvl_jax import sharding as sharding_lib
+from qvl_jax.checkpointing import Checkpoints
+from qvl_jax.classifier import QwenVLClassifier
+from qvl_jax.hf_io import load_hf, save_hf
+from qvl_jax.input_pipeline import make_loader
+from qvl_jax.options import RuntimeOptions
+from qvl_jax.pixels import expand_patches
+
+log = logging.getLogger("qvl_jax.train")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, impossible batch geometry, ...)."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def init_distributed(cfg) -> None:
+    """`jax.distributed.initialize` when the config or the environment describes several processes."""
+    explicit = cfg.coordinator_address is not None or (cfg.num_processes or 1) > 1
+    detected = any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    if not (explicit or detected):
+        return
+    if jax.distributed.is_initialized():
+        return
+    # Cross-process collectives between CPU devices need gloo; the setting only concerns the CPU backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+def setup_logging(run_dir: Path, process_index: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s [p{process_index}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str((run_dir / "logs" / "train.log").resolve())
+               for h in root.handlers):
+        name = "train.log" if process_index == 0 else f"train.p{process_index}.log"
+        fh = logging.FileHandler(run_dir / "logs" / name)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    streams = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if not streams:
+        streams = [logging.StreamHandler(sys.stderr)]
+        root.addHandler(streams[0])
+    for sh in streams:  # also restyle a handler some library's basicConfig() installed
+        sh.setFormatter(fmt)
+        sh.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
+    for noisy in ("absl", "jax._src", "orbax", "grain", "datasets", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config(config: RunConfig, label_map: LabelMap) -> tuple[QwenVLConfig, list | None]:
+    """The classifier's config with the data's labels; checks num_labels against data and stored head."""
+    m = config.model
+    if m.num_labels is not None and m.num_labels != label_map.num_labels:
+        raise SchemaError(f"model.num_labels is {m.num_labels} but the data has {label_map.num_labels} labels "
+                          f"(label_space {label_map.space}); remove model.num_labels or fix the data sets")
+    num_labels = label_map.num_labels
+    if m.pretrained_name is not None:
+        path = Path(m.pretrained_name)
+        if not path.is_dir():
+            raise CheckpointError(f"model.pretrained_name: {path} is not a local directory (no model hub here: "
+                                  "download the checkpoint and point to its directory)")
+        cfg, files = resolve_config(path, num_labels=num_labels, mode=m.mode, pooling=m.resolved_pooling)
+        stored = cfg.head.id2label
+        if stored is not None and tuple(stored) != label_map.names:
+            raise CheckpointError(f"{path}: its head's labels ({', '.join(stored[:5])}, ...) are not this run's "
+                                  f"({', '.join(label_map.names[:5])}, ...): same count, different classes or order")
+        return cfg.with_head(id2label=label_map.names), files
+    try:
+        cfg = QwenVLConfig.from_hf_dict(m.config, source="model.config")
+        return cfg.with_head(num_labels=num_labels, mode=m.mode, pooling=m.resolved_pooling,
+                             id2label=label_map.names), None
+    except ConfigError as e:
+        raise SchemaError(str(e)) from None
+
+
+def trainable_filter(m) -> Any:
+    """nnx filter: which parameters train, by the freeze switches."""
+
+    def trains(path, _value) -> bool:
+        top = str(path[0])
+        if top == "visual":
+            return not (m.freeze_merger if str(path[1]) == "merger" else m.freeze_vision)
+        if top == "language_model":
+            return not m.freeze_decoder
+        return True
+
+    return trains
+
+
+def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
+    """The classifier with every parameter already in its sharding (never whole on one device)."""
+    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = layout.params(abstract_state)
+    if config.model.pretrained_name is None:
+        def init():
+            return nnx.split(QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))[1]
+
+        state = jax.jit(init, out_shardings=shardings)()
+        return nnx.merge(graphdef, state)
+    by_path = {".".join(str(p) for p in path): s for path, s in nnx.to_flat_state(shardings)}
+
+    def place(path: str, array: np.ndarray):
+        sharding = by_path[path]
+        sharding = sharding.get_value() if hasattr(sharding, "get_value") else sharding
+        return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+    return load_hf(config.model.pretrained_name, num_labels=cfg.head.num_labels, mode=cfg.head.mode,
+                   pooling=cfg.head.pooling, opts=opts, head_seed=config.model.head_seed, place=place)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(t, peak: float, total_steps: int):
+    warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+    end = peak * t.min_lr_ratio
+    if t.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end)
+    after = (optax.constant_schedule(peak) if t.lr_schedule == "constant"
+             else optax.linear_schedule(peak, end, max(total_steps - warmup, 1)))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), after], [warmup])
+
+
+def make_optimizer(config: RunConfig, params, total_steps: int):
+    """AdamW (warm-up + decay, decoupled weight decay on matrices only), clipping, per-group learning rates."""
+    t = config.training
+    decay_mask = jax.tree.map(lambda x: x.ndim > 1, params)
+
+    def adamw(peak):
+        return optax.adamw(lr_schedule(t, peak, total_steps), b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_epsilon,
+                           weight_decay=t.weight_decay, mask=decay_mask)
+
+    if t.vision_learning_rate is not None and t.vision_learning_rate != t.learning_rate:
+        labels = jax.tree_util.tree_map_with_path(
+            lambda p, _: "vision" if str(p[0].key) == "visual" and str(p[1].key) != "merger" else "rest", params)
+        tx = optax.multi_transform({"vision": adamw(t.vision_learning_rate), "rest": adamw(t.learning_rate)}, labels)
+    else:
+        tx = adamw(t.learning_rate)
+    if t.max_grad_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(t.max_grad_norm), tx)
+    if t.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+    return tx, lr_schedule(t, t.learning_rate, total_steps)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_steps(graphdef, frozen, tx, layout, *, grid, dtype, label_smoothing, accum):
+    """The jitted update step and eval step, closed over the static grid and the frozen parameters' layout."""
+
+    def logits_of(params, frozen, patches):
+        model = nnx.merge(graphdef, params, frozen)
+        return model(expand_patches(patches, dtype), grid).logits
+
+    def example_losses(logits, labels):
+        n = logits.shape[-1]
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, n), label_smoothing) if label_smoothing else \
+            jax.nn.one_hot(labels, n)
+        return optax.softmax_cross_entropy(logits, targets)
+
+    def loss_sum(params, frozen, micro):
+        logits = logits_of(params, frozen, micro["patches"])
+        w = micro["valid"].astype(jnp.float32)
+        ce = example_losses(logits, micro["label"])
+        correct = (jnp.argmax(logits, -1) == micro["label"]).astype(jnp.float32)
+        return jnp.sum(ce * w), (jnp.sum(w), jnp.sum(correct * w))
+
+    grad_shardings = None
+
+    def train_step(params, frozen, opt_state, batch):
+        """`batch` leaves [accum, micro, ...]: sums over micro-batches, one update."""
+        def micro_step(carry, micro):
+            grads, total, count, correct = carry
+            (s, (n, c)), g = jax.value_and_grad(loss_sum, has_aux=True)(params, frozen, micro)
+            g = jax.lax.with_sharding_constraint(g, grad_shardings)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n, correct + c), None
+
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        if accum == 1:
+            (grads, total, count, correct), _ = micro_step(init, jax.tree.map(lambda x: x[0], batch))
+        else:
+            (grads, total, count, correct), _ = jax.lax.scan(micro_step, init, batch)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = total / denom
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        measurements = {
+            "loss": loss,
+            "accuracy": correct / denom,
+            "examples": count,
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(new_params),
+            "update_norm": optax.global_norm(updates),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        return new_params, new_opt_state, measurements
+
+    def eval_step(params, frozen, batch):
+        logits = logits_of(params, frozen, batch["patches"])
+        return example_losses(logits, batch["label"]), jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def build(param_shardings, grads_shardings, opt_shardings):
+        nonlocal grad_shardings
+        grad_shardings = grads_shardings
+        replicated = layout.replicated()
+        step = jax.jit(train_step, donate_argnums=(0, 2),
+                       out_shardings=(param_shardings, opt_shardings, replicated))
+        evaluate = jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(1)))
+        return step, evaluate
+
+    return build
+
+
+# ----------------------------------------------------------------------------- host <-> device
+
+
+def to_global(batch: dict, layout, *, accum: int | None) -> dict:
+    """A process-local numpy batch -> global arrays split over `data` (keys the model needs only)."""
+    out = {}
+    for key in ("patches", "label", "valid"):
+        local = np.asarray(batch[key])
+        if accum is not None:
+            local = local.reshape(accum, -1, *local.shape[1:])
+            sharding = layout.batch(local.ndim, axis=1)
+        else:
+            sharding = layout.batch(local.ndim, axis=0)
+        out[key] = jax.make_array_from_process_local_data(sharding, local)
+    return out
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) array as a full numpy array on this host."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def device_memory_gb() -> float:
+    """Device memory in use on this process's first device; on CPU, the process's resident set (RSS)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats:
+        return stats["bytes_in_use"] / 1e9
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(state, eval_step, data, sources, layout, config, step, run_dir) -> dict[str, float]:
+    """Loss and accuracy per data set and overall; writes the confusion matrix."""
+    params, frozen = state["params"], state["frozen"]
+    n = data.label_map.num_labels
+    confusion = np.zeros((n, n), np.int64)
+    metrics: dict[str, float] = {}
+    total_loss = total_correct = total_count = 0.0
+    procs, me = jax.process_count(), jax.process_index()
+    for name, (source, global_batch) in sources.items():
+        loader = make_loader(source, batch_size=global_batch // procs, process_index=me, process_count=procs,
+                             num_workers=0, num_threads=max(1, config.training.dataloader_num_workers or 1),
+                             drop_remainder=False)
+        loss_sum = correct = count = 0.0
+        for batch in loader:
+            arrays = to_global(batch, layout, accum=None)
+            losses, preds = eval_step(params, frozen, arrays)
+            losses, preds = to_host(losses), to_host(preds)
+            labels, valid = to_host(arrays["label"]), to_host(arrays["valid"]).astype(bool)
+            loss_sum += float(losses[valid].sum())
+            correct += float((preds[valid] == labels[valid]).sum())
+            count += float(valid.sum())
+            np.add.at(confusion, (labels[valid], preds[valid]), 1)
+        metrics[f"eval/{name}_loss"] = loss_sum / max(count, 1)
+        metrics[f"eval/{name}_accuracy"] = correct / max(count, 1)
+        total_loss, total_correct, total_count = total_loss + loss_sum, total_correct + correct, total_count + count
+    metrics["eval/overall_loss"] = total_loss / max(total_count, 1)
+    metrics["eval/overall_accuracy"] = total_correct / max(total_count, 1)
+    if jax.process_index() == 0:
+        out = run_dir / "eval"
+        out.mkdir(exist_ok=True)
+        with (out / f"confusion_step{step}.csv").open("w") as f:
+            f.write("true\\pred," + ",".join(data.label_map.names) + "\n")
+            for i, row in enumerate(confusion):
+                f.write(data.label_map.names[i] + "," + ",".join(map(str, row)) + "\n")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT: finish the current step, save, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: stopping after this step (saving a checkpoint); press Ctrl-C again to abort",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+
+
+def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains per `config`; returns the final metrics (and where the run went).
+
+    `stop_after`: behave as if SIGTERM arrived after that step (save, return), as tests of resumption need.
+    """
+    # --- processes, output folder, logging
+    init_distributed(config.distributed)
+    run_dir = config.run_dir
+    me, procs = jax.process_index(), jax.process_count()
+    setup_logging(run_dir, me)
+    if me == 0:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    t = config.training
+
+    # --- data (every split checked before anything heavy)
+    data = load_data(config.data)
+    log.info("data: %s", data.summary())
+    label_map = data.label_map
+    if me == 0:
+        label_map.save(run_dir / "label_map.json")
+
+    # --- mesh and batch geometry
+    mesh = sharding_lib.make_mesh()
+    layout = sharding_lib.Layout(mesh, config.sharding.strategy, config.sharding.min_shard_size)
+    devices = mesh.size
+    micro_global = t.batch_size * devices
+    global_batch = micro_global * t.gradient_accumulation_steps
+    if t.global_batch_size is not None and t.global_batch_size != global_batch:
+        if t.global_batch_size % (devices * t.gradient_accumulation_steps):
+            raise SchemaError(f"training.global_batch_size {t.global_batch_size} does not divide over {devices} devices "
+                              f"x {t.gradient_accumulation_steps} accumulation steps")
+        raise SchemaError(f"training.global_batch_size {t.global_batch_size} != batch_size {t.batch_size} x "
+                          f"{devices} devices x {t.gradient_accumulation_steps} accumulation = {global_batch}")
+    if not data.train:
+        raise DataError("no data set has a train split: nothing to train on")
+    epoch_length = TrainSource(data, seed=t.seed).epoch_length
+    total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * epoch_length / global_batch))
+    log.info("%d process(es), %d device(s) (%s); strategy %s; global batch %d = %d per device x %d devices x %d "
+             "accumulation; %d steps (%.2f epochs of %d records)", procs, devices, jax.devices()[0].device_kind,
+             layout.strategy, global_batch, t.batch_size, devices, t.gradient_accumulation_steps, total_steps,
+             total_steps * global_batch / epoch_length, epoch_length)
+
+    # --- model and optimizer, created sharded
+    cfg, _ = model_config(config, label_map)
+    opts = RuntimeOptions(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
+                          attention="auto" if t.memory_efficient_attention else "xla", remat=t.gradient_checkpointing)
+    model = create_model(config, cfg, opts, layout)
+    graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
+    del model
+    tx, schedule = make_optimizer(config, params, total_steps)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    opt_sh = layout.optimizer(jax.eval_shape(tx.init, params))
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    build = make_steps(graphdef, frozen, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+                       label_smoothing=t.label_smoothing, accum=t.gradient_accumulation_steps)
+    grad_sh = layout.optimizer(params) if layout.strategy != "dp" else param_sh
+    train_step, eval_step = build(param_sh, grad_sh, opt_sh)
+    summary = {
+        "strategy": layout.strategy, "devices": devices,
+        "params_bytes_per_device": sharding_lib.bytes_per_device(params, param_sh)
+        + sharding_lib.bytes_per_device(frozen, frozen_sh),
+        "grads_bytes_per_device": sharding_lib.bytes_per_device(params, grad_sh),
+        "optimizer_bytes_per_device": sharding_lib.bytes_per_device(opt_state, opt_sh),
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "frozen_params": int(sum(x.size for x in jax.tree.leaves(frozen))),
+    }
+    log.info("sharding: %s", json.dumps(summary))
+    if me == 0:
+        (run_dir / "logs" / "sharding.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    # --- FLOPs and MFU
+    trains = {"patch_embed": not config.model.freeze_vision, "vision_blocks": not config.model.freeze_vision,
+              "merger": not config.model.freeze_merger, "decoder": not config.model.freeze_decoder, "head": True}
+    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable=trains) * global_batch
+    peak = flops_lib.peak_tflops(jax.devices()[0].device_kind, config.perf.peak_tflops)
+    if peak is None:
+        log.info("perf/mfu is null: no known peak for device %r (set perf.peak_tflops)", jax.devices()[0].device_kind)
+
+    # --- data loaders
+    train_source = TrainSource(data, seed=t.seed, num_records=total_steps * global_batch)
+    train_iter = iter(make_loader(train_source, batch_size=global_batch // procs, process_index=me,
+                                  process_count=procs, num_workers=t.dataloader_num_workers))
+    eval_global = (t.eval_batch_size or t.batch_size) * devices
+    eval_sources = {name: (EvalSource(data, name, pad_to=eval_global), eval_global) for name in data.eval}
+    bad = BadRecords(data, log)
+
+    # --- checkpoints and resume
+    ckpt = Checkpoints(run_dir / "checkpoints", keep=config.output.keep_checkpoints,
+                       async_save=config.output.async_checkpointing)
+    state = {"params": params, "frozen": frozen, "opt_state": opt_state}
+    start_step, best = 0, {"accuracy": -1.0, "step": None}
+    source_dir = ckpt.resolve(resume_from, run_dir)
+    if source_dir is not None:
+        state, meta = ckpt.restore(source_dir, state, train_iter)
+        LabelMap.from_json(meta["label_map"]).check_compatible(label_map, f"checkpoint {source_dir}")
+        start_step, best = meta["step"], meta["best"]
+        log.info("resumed from %s at step %d", source_dir, start_step)
+
+    saved_at = [start_step]
+
+    def save(step: int, eval_metrics: dict | None = None) -> None:
+        if saved_at[0] == step:
+            return
+        saved_at[0] = step
+        meta = {"step": step, "best": best, "label_map": label_map.to_json(), "config": config.to_dict(),
+                "total_steps": total_steps, "global_batch": global_batch}
+        ckpt.save(step, state, train_iter, meta, accuracy=None if eval_metrics is None
+                  else eval_metrics["eval/overall_accuracy"])
+
+    # --- the loop
+    logger = MetricsLogger(run_dir, config=config.to_dict(), wandb_cfg=config.monitor.wandb, enabled=me == 0,
+                           run_name=config.output.run_name)
+    freq = config.monitor.all_freq
+    bar = None
+    if me == 0 and config.monitor.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+    perf = {"time": 0.0, "steps": 0}
+    shown: dict[str, str] = {}
+    skipped = 0
+    last_eval: dict[str, float] = {}
+    pending = None  # (step, measurements) of the step in flight: fetched one step later to keep dispatch async
+    final_metrics: dict[str, Any] = {}
+    step = start_step
+    tick = time.perf_counter()
+
+    def consume(done_step: int, measurements) -> None:
+        nonlocal skipped, tick
+        m = {k: float(v) for k, v in jax.device_get(measurements).items()}
+        now = time.perf_counter()
+        if not m["finite"]:
+            if not t.skip_nonfinite:
+                raise TrainingError(f"step {done_step}: non-finite loss ({m['loss']}) or gradient norm "
+                                    f"({m['grad_norm']}); set training.skip_nonfinite: true to skip such updates")
+            skipped += 1
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d so far)", done_step, skipped)
+        else:
+            for k in ("loss", "accuracy", "grad_norm"):
+                window[k] += m[k]
+            window["steps"] += 1
+        if done_step > start_step + 1:  # the first step includes compilation
+            perf["time"] += now - tick
+            perf["steps"] += 1
+        tick = now
+        if done_step % freq.training_log_freq == 0 and window["steps"]:
+            k = window["steps"]
+            logger.log(done_step, {"training/loss": window["loss"] / k, "training/accuracy": window["accuracy"] / k,
+                                   "training/grad_norm": window["grad_norm"] / k, "training/lr": float(schedule(done_step - 1)),
+                                   "training/epoch": done_step * global_batch / epoch_length,
+                                   "training/skipped_updates": skipped})
+            shown["loss"], shown["acc"] = f"{window['loss'] / k:.4f}", f"{window['accuracy'] / k:.3f}"
+            if bar is not None:
+                bar.set_postfix(shown, refresh=False)
+            for key in window:
+                window[key] = 0.0 if key != "steps" else 0
+        if done_step % freq.perf_log_freq == 0 and perf["steps"]:
+            step_time = perf["time"] / perf["steps"]
+            logger.log(done_step, {"perf/step_time": step_time, "perf/samples_per_second": global_batch / step_time,
+                                   "perf/mfu": flops_lib.mfu(step_flops, step_time, devices, peak),
+                                   "perf/gpu_memory_gb": device_memory_gb()})
+            shown["samples/s"] = f"{global_batch / step_time:.0f}"
+            if bar is not None:
+                bar.set_postfix(shown, refresh=False)
+            perf["time"], perf["steps"] = 0.0, 0
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        nonlocal best
+        metrics = evaluate(state, eval_step, data, eval_sources, layout, config, at_step, run_dir)
+        if metrics["eval/overall_accuracy"] > best["accuracy"]:
+            best = {"accuracy": metrics["eval/overall_accuracy"], "step": at_step}
+        metrics["best_overall_accuracy"] = best["accuracy"]
+        metrics["best_model_step"] = best["step"]
+        logger.log(at_step, metrics)
+        log.info("step %d eval: %s", at_step, ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items()
+                                                         if k.startswith("eval/")))
+        return metrics
+
+    try:
+        with _StopRequest() as stop:
+            while step < total_steps:
+                batch = next(train_iter)
+                bad.update(batch)
+                arrays = to_global(batch, layout, accum=t.gradient_accumulation_steps)
+                new_params, new_opt, measurements = train_step(state["params"], state["frozen"],
+                                                               state["opt_state"], arrays)
+                state["params"], state["opt_state"] = new_params, new_opt
+                step += 1
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, measurements)
+                if bar is not None:
+                    bar.update(1)
+                evaluated = None
+                if eval_sources and (step % freq.eval_log_freq == 0 or step == total_steps):
+                    consume(*pending)
+                    pending = None
+                    evaluated = last_eval = run_eval(step)
+                if step % config.output.save_freq == 0 or step == total_steps or evaluated is not None and \
+                        best["step"] == step:
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    save(step, evaluated)
+                if (stop.agreed() or step == stop_after) and step < total_steps:
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    save(step)
+                    log.warning("stopped at step %d on request; resume with --resume_from auto", step)
+                    break
+            if pending is not None:
+                consume(*pending)
+            ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        ckpt.close()
+
+    final_metrics.update(last_eval)
+    final_metrics.update({"step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": skipped,
+                          "bad_images": bad.counts()})
+    if config.output.export_hf and step == total_steps:
+        export_hf(graphdef, state, run_dir / "hf_final", me)
+        log.info("wrote the classifier in HF format to %s", run_dir / "hf_final")
+    return final_metrics
+
+
+def export_hf(graphdef, state, path: Path, process_index: int) -> None:
+    params = jax.tree.map(to_host, state["params"])
+    frozen = jax.tree.map(to_host, state["frozen"])
+    if process_index == 0:
+        save_hf(nnx.merge(graphdef, params, frozen), path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m qvl_jax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set training.batch_size=4 (repeatable)")
+    parser.add_argument("--resume_from", default=None, metavar="PATH|auto",
+                        help="a checkpoint step directory, a checkpoints/ or run directory, or 'auto' "
+                             "(the latest checkpoint of this run's output directory, if any)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        result = run(config, resume_from=args.resume_from)
+    except (SchemaError, DataError, CheckpointError, TrainingError) as e:
+        logging.getLogger("qvl_jax.train").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in result.items() if k.startswith("eval/") and k.endswith("accuracy")}
+    print(json.dumps({"run_dir": result["run_dir"], "step": result["step"], **summary,
+                      "best": result["best"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

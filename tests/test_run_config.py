@@ -1,0 +1,44 @@
+"""The run config: shipped configs load, overrides apply, mistakes name their key."""
+
+from pathlib import Path
+
+import pytest
+
+from qvl_core.config import load_config
+from qvl_core.schema import SchemaError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "complete_training_config.yaml", "food101_3b.yaml",
+                                         "two_datasets.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.data.datasets and config.training.batch_size >= 1
+
+
+def test_seed_guide_keys_and_overrides():
+    config = load_config(Path("configs/complete_training_config.yaml"),
+                         ["training.batch_size=4", "model.mode=vision", "model.pooling=mean_image",
+                          "monitor.all_freq.eval_log_freq=25", "training.learning_rate=3e-5"])
+    assert config.model.num_labels == 101 and config.training.gradient_accumulation_steps == 4
+    assert config.training.batch_size == 4 and config.model.mode == "vision"
+    assert config.monitor.all_freq.eval_log_freq == 25 and config.training.learning_rate == 3e-5
+    assert config.sharding.strategy == "zero2" and config.run_dir == Path("outputs/complete_training")
+
+
+def test_config_mistakes_name_the_key(tmp_path):
+    with pytest.raises(SchemaError, match=r"training.batch_size: expected an integer, got str 'eight'"):
+        load_config("configs/demo.yaml", ["training.batch_size=eight"])
+    with pytest.raises(SchemaError, match=r"sharding.strategy: 'zero3' is not one of 'dp' \| 'zero2' \| 'fsdp'"):
+        load_config("configs/demo.yaml", ["sharding.strategy=zero3"])
+    with pytest.raises(SchemaError, match="set exactly one of pretrained_name"):
+        load_config("configs/demo.yaml", ["model.pretrained_name=/models/x"])
+    with pytest.raises(SchemaError, match="config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(SchemaError, match=r"--set 'training.batch_size': expected key.path=value"):
+        load_config("configs/demo.yaml", ["training.batch_size"])

@@ -1,0 +1,151 @@
+"""The JAX trainer end to end on tiny models and generated data (CPU, simulated devices)."""
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from qvl_core.config import RunConfig, load_config
+from qvl_core.data import DataError
+from qvl_core.metrics import read_metrics
+from qvl_core.schema import SchemaError, from_dict
+from tests.train_helpers import losses, tiny_config, train_subprocess, write_config
+
+
+def _run(tmp_path, config: dict, **kw):
+    from qvl_jax.train import run
+
+    return run(from_dict(RunConfig, config), **kw)
+
+
+def test_run_writes_metrics_checkpoints_label_map_and_hf_export(tmp_path):
+    result = _run(tmp_path, tiny_config(tmp_path))
+    run_dir = tmp_path / "outputs" / "run"
+    assert result["step"] == 6 and 0 <= result["eval/food_accuracy"] <= 1
+    records = read_metrics(run_dir / "logs" / "metrics.jsonl")
+    keys = set().union(*records)
+    for key in ("training/loss", "training/lr", "training/grad_norm", "training/epoch", "eval/overall_loss",
+                "eval/overall_accuracy", "eval/food_accuracy", "best_overall_accuracy", "best_model_step",
+                "perf/mfu", "perf/step_time", "perf/samples_per_second", "perf/gpu_memory_gb"):
+        assert key in keys, key
+    assert [r["step"] for r in records if "eval/overall_accuracy" in r] == [3, 6]
+    assert all(r["perf/mfu"] is None for r in records if "perf/mfu" in r)  # CPU: no known peak
+    lrs = [r["training/lr"] for r in records if "training/lr" in r]
+    # the lr each step's update used: linear warm-up from 0 over 2 steps (as HF's schedulers), then cosine
+    assert lrs[:3] == pytest.approx([0.0, 5e-4, 1e-3]) and lrs[-1] < lrs[2]
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["step"] in (3, 6) and (run_dir / "checkpoints" / str(best["step"])).is_dir()
+    assert json.loads((run_dir / "label_map.json").read_text())["num_labels"] == 3
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "eval" / "confusion_step6.csv").is_file()
+    sharding = json.loads((run_dir / "logs" / "sharding.json").read_text())
+    assert 0 <= sharding["optimizer_bytes_per_device"] - 2 * sharding["params_bytes_per_device"] <= 64  # mu, nu, counts
+
+    import qvl_jax
+
+    exported = qvl_jax.load_hf(run_dir / "hf_final")
+    assert exported.config.head.id2label == ("apple_pie", "bibimbap", "churros")
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = tiny_config(tmp_path, run_name="straight", training={"max_steps": 8})
+    _run(tmp_path, straight)
+    broken = tiny_config(tmp_path, run_name="broken", training={"max_steps": 8})
+    first = _run(tmp_path, broken, stop_after=4)  # 24 records, 4 per step: stops mid-epoch (step 4 of 6)
+    assert first["step"] == 4
+    second = _run(tmp_path, broken, resume_from="auto")
+    assert second["step"] == 8
+    a, b = losses(tmp_path / "outputs" / "straight"), losses(tmp_path / "outputs" / "broken")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit-identical on CPU
+
+
+def test_config_errors_come_before_training(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, model={"num_labels": 5})
+    with pytest.raises(SchemaError, match="model.num_labels is 5 but the data has 3 labels"):
+        _run(tmp_path, config)
+    path = write_config(tmp_path, tiny_config(tmp_path, training={"batch_sise": 2}))
+    with pytest.raises(SchemaError, match=r"unknown config key 'training.batch_sise' \(did you mean 'batch_size'\?\)"):
+        load_config(path)
+    with pytest.raises(SchemaError, match="global_batch_size 6 does not divide over 4 devices"):
+        cfg = tiny_config(tmp_path, training={"global_batch_size": 6})
+        import jax
+        from qvl_jax import train
+
+        if jax.device_count() != 4:
+            monkeypatch.setattr(train.sharding_lib, "make_mesh", lambda: _FakeMesh(4))  # only the geometry check runs
+        _run(tmp_path, cfg)
+    missing = tiny_config(tmp_path)
+    missing["data"]["datasets"][0]["path"] = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="does not exist"):
+        _run(tmp_path, missing)
+
+
+class _FakeMesh:
+    def __init__(self, n):
+        self.size = n
+        self.shape = {"data": n}
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    config = tiny_config(tmp_path, run_name="sig", training={"max_steps": 400, "warmup_steps": 2})
+    path = write_config(tmp_path, config)
+    proc = train_subprocess(path, wait=False)
+    metrics = tmp_path / "outputs" / "sig" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(losses(tmp_path / "outputs" / "sig")) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "outputs" / "sig" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 5 <= steps[-1] < 400
+    resumed = train_subprocess(path, "--resume_from", "auto", "--set", "training.max_steps=400",
+                               "--set", "monitor.all_freq.eval_log_freq=5000", timeout=600)
+    assert f"resumed from" in resumed.stderr and "\"step\": 400" in resumed.stdout
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
+def test_sharded_strategies_match_dp_on_8_devices(tmp_path, strategy):
+    results = {}
+    for name in ("dp", strategy):
+        config = tiny_config(tmp_path, run_name=name, training={"max_steps": 5, "batch_size": 1},
+                             sharding={"strategy": name, "min_shard_size": 1},
+                             monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
+                                      "wandb": {"mode": "disabled"}, "progress_bar": False})
+        train_subprocess(write_config(tmp_path, config, f"{name}.yaml"), devices=8)
+        run_dir = tmp_path / "outputs" / name
+        results[name] = (losses(run_dir), json.loads((run_dir / "logs" / "sharding.json").read_text()))
+    (dp_loss, dp_bytes), (sh_loss, sh_bytes) = results["dp"], results[strategy]
+    assert dp_bytes["devices"] == 8 and list(dp_loss) == [1, 2, 3, 4, 5]
+    for step in dp_loss:
+        assert abs(sh_loss[step] - dp_loss[step]) <= 1e-6 * abs(dp_loss[step]), (step, sh_loss, dp_loss)
+    assert sh_bytes["optimizer_bytes_per_device"] <= dp_bytes["optimizer_bytes_per_device"] / 8 * 1.05
+    if strategy == "fsdp":
+        assert sh_bytes["params_bytes_per_device"] <= dp_bytes["params_bytes_per_device"] / 8 * 1.05
+
+
+def test_two_processes_match_one_process(tmp_path):
+    import socket
+
+    base = dict(training={"max_steps": 4, "batch_size": 1},
+                monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
+                         "wandb": {"mode": "disabled"}, "progress_bar": False})
+    one = tiny_config(tmp_path, run_name="one", **base)
+    train_subprocess(write_config(tmp_path, one, "one.yaml"), devices=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tiny_config(tmp_path, run_name="two", **base)
+    path = write_config(tmp_path, two, "two.yaml")
+    procs = [train_subprocess(path, "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
+                              "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}",
+                              devices=2, wait=False) for i in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    a, b = losses(tmp_path / "outputs" / "one"), losses(tmp_path / "outputs" / "two")
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step])

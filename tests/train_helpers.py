@@ -1,0 +1,68 @@
+"""A tiny run config on a generated Food-101-layout set, for trainer tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from qvl_core.data import fixtures
+
+TINY_MODEL = {
+    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+                      "window_size": 56, "fullatt_block_indexes": [1]},
+    "text_config": {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}},
+    "vision_start_token_id": 60, "vision_end_token_id": 61, "image_token_id": 62, "video_token_id": 63,
+}
+
+
+def tiny_config(tmp: Path, *, run_name: str = "run", classes=("apple_pie", "bibimbap", "churros"),
+                train_per_class: int = 8, **sections) -> dict:
+    data_dir = tmp / "food"
+    if not data_dir.exists():
+        fixtures.write_food101(data_dir, list(classes), train_per_class=train_per_class, test_per_class=2)
+    config = {
+        "model": {"config": TINY_MODEL, "param_dtype": "float32", "compute_dtype": "float32"},
+        "data": {"datasets": [{"name": "food", "format": "food101", "path": str(data_dir)}], "image_size": 56,
+                 "augment": {"scale": [0.5, 1.0]}},
+        "training": {"max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 2, "batch_size": 4,
+                     "dataloader_num_workers": 0},
+        "sharding": {"strategy": "dp"},
+        "monitor": {"all_freq": {"training_log_freq": 1, "eval_log_freq": 3, "perf_log_freq": 2},
+                    "wandb": {"mode": "disabled"}, "progress_bar": False},
+        "output": {"dir": str(tmp / "outputs"), "run_name": run_name, "save_freq": 100, "async_checkpointing": False},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def write_config(tmp: Path, config: dict, name: str = "config.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from qvl_core.metrics import read_metrics
+
+    return {r["step"]: r["training/loss"] for r in read_metrics(run_dir / "logs" / "metrics.jsonl")
+            if "training/loss" in r}
+
+
+def train_subprocess(config_path: Path, *extra: str, devices: int | None = None, env: dict | None = None,
+                     timeout: int = 300, wait: bool = True):
+    cmd = [sys.executable, "-m", "qvl_jax.train", "--config", str(config_path), *extra]
+    full_env = {**os.environ, **(env or {})}
+    if devices:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
