@@ -83,14 +83,23 @@ class Checkpoints:
         steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").exists())
         return directory / str(steps[-1]) if steps else None
 
-    def restore(self, step_dir: Path, template: dict, iterator) -> tuple[dict, dict]:
-        """(state laid out like `template`, meta); sets `iterator` to the saved position."""
+    def restore(self, step_dir: Path, template: dict, iterator=None) -> tuple[dict, dict, bool]:
+        """(state laid out like `template`, meta, whether `iterator` was restored).
+
+        The iterator is set to its saved position when given and when the checkpoint
+        holds a state for this process (same process count); otherwise the caller
+        positions it from the step.
+        """
         step_dir = Path(step_dir).absolute()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         reader = self.manager if step_dir.parent == self.directory else ocp.CheckpointManager(step_dir.parent)
-        restored = reader.restore(int(step_dir.name), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-            meta=ocp.args.JsonRestore(),
-        ))
-        return restored["state"], restored["meta"]
+        mine = step_dir / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        with_data = iterator is not None and mine.is_file()
+        if with_data:
+            items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+        elif iterator is not None:
+            log.info("%s holds no iterator state for %d process(es); the data stream is positioned from the step",
+                     step_dir, jax.process_count())
+        restored = reader.restore(int(step_dir.name), args=ocp.args.Composite(**items))
+        return restored["state"], restored["meta"], with_data

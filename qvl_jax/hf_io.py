@@ -119,10 +119,11 @@ def _parse_size(size: int | str) -> int:
 
 
 def save_hf(model: QwenVLClassifier, path: str | os.PathLike, *, dtype: str | None = None,
-            max_shard_size: int | str = "5GB") -> Path:
+            max_shard_size: int | str = "5GB", extra: dict | None = None) -> Path:
     """Writes `model` as an HF directory: config.json + (sharded) safetensors, head included.
 
-    `dtype` casts on the way out (default: the parameter dtype).
+    `dtype` casts on the way out (default: the parameter dtype). `extra` goes into
+    config.json's `qvl_classifier` block (the trainer stores the image size there).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -161,6 +162,8 @@ def save_hf(model: QwenVLClassifier, path: str | os.PathLike, *, dtype: str | No
     hf = cfg.to_hf_dict()
     stored = dtype or model.opts.param_dtype
     hf["torch_dtype"] = hf["text_config"]["dtype"] = stored
+    if extra and "qvl_classifier" in hf:
+        hf["qvl_classifier"].update(extra)
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return path
 

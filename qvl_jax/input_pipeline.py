@@ -30,6 +30,7 @@ def make_loader(
     num_threads: int = 2,
     prefetch: int = 4,
     drop_remainder: bool = True,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
     """Per-process batches of `source` (a random-access qvl source).
 
@@ -37,7 +38,9 @@ def make_loader(
     decodes in that many spawned processes (the entry point needs an
     `if __name__ == "__main__":` guard); 0 decodes in `num_threads` threads here.
     Iterate with `iter(...)`; the iterator's `get_state()` / `set_state()`
-    save and restore its position exactly.
+    save and restore its position exactly. `start_batch` skips that many of this
+    process's batches without reading them (resuming under another process count,
+    where the saved iterator states do not apply).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -47,6 +50,8 @@ def make_loader(
     if process_count > 1:
         ds = ds[process_index::process_count]
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if start_batch:
+        ds = ds[start_batch:]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
     if num_workers > 0:
         _absl_parsed()

@@ -153,6 +153,20 @@ def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, lay
                    pooling=cfg.head.pooling, opts=opts, head_seed=config.model.head_seed, place=place)
 
 
+def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
+    """(graphdef, {params, frozen, opt_state} as sharded ShapeDtypeStructs): a restore target, nothing allocated."""
+    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.model), ...)
+    tx, _ = make_optimizer(config, params, total_steps=1)
+    opt_state = jax.eval_shape(tx.init, params)
+
+    def place(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    return graphdef, {"params": place(params, layout.params(params)), "frozen": place(frozen, layout.params(frozen)),
+                      "opt_state": place(opt_state, layout.optimizer(opt_state))}
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 
@@ -191,30 +205,43 @@ def make_optimizer(config: RunConfig, params, total_steps: int):
 # ----------------------------------------------------------------------------- steps
 
 
-def make_steps(graphdef, frozen, tx, layout, *, grid, dtype, label_smoothing, accum):
-    """The jitted update step and eval step, closed over the static grid and the frozen parameters' layout."""
+def _logits(graphdef, params, frozen, patches, grid, dtype):
+    model = nnx.merge(graphdef, params, frozen)
+    return model(expand_patches(patches, dtype), grid).logits
 
-    def logits_of(params, frozen, patches):
-        model = nnx.merge(graphdef, params, frozen)
-        return model(expand_patches(patches, dtype), grid).logits
 
-    def example_losses(logits, labels):
-        n = logits.shape[-1]
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, n), label_smoothing) if label_smoothing else \
-            jax.nn.one_hot(labels, n)
-        return optax.softmax_cross_entropy(logits, targets)
+def _example_losses(logits, labels, label_smoothing: float = 0.0):
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_eval_step(graphdef, layout, *, grid, dtype):
+    """Jitted `(params, frozen, batch) -> (loss [B], prediction [B])`, split over `data`."""
+
+    def eval_step(params, frozen, batch):
+        logits = _logits(graphdef, params, frozen, batch["patches"], grid, dtype)
+        return _example_losses(logits, batch["label"]), jnp.argmax(logits, -1).astype(jnp.int32)
+
+    return jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(1)))
+
+
+def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum, param_shardings, grad_shardings,
+                    opt_shardings):
+    """Jitted `(params, frozen, opt_state, batch) -> (params, opt_state, measurements)`; params and
+    optimizer state donated. `batch` leaves are [accum, micro, ...]; gradients are summed over the
+    micro-batches (constrained to `grad_shardings`: reduce-scatter under zero2/fsdp) and divided by the
+    number of valid examples of the whole batch."""
 
     def loss_sum(params, frozen, micro):
-        logits = logits_of(params, frozen, micro["patches"])
+        logits = _logits(graphdef, params, frozen, micro["patches"], grid, dtype)
         w = micro["valid"].astype(jnp.float32)
-        ce = example_losses(logits, micro["label"])
+        ce = _example_losses(logits, micro["label"], label_smoothing)
         correct = (jnp.argmax(logits, -1) == micro["label"]).astype(jnp.float32)
         return jnp.sum(ce * w), (jnp.sum(w), jnp.sum(correct * w))
 
-    grad_shardings = None
-
     def train_step(params, frozen, opt_state, batch):
-        """`batch` leaves [accum, micro, ...]: sums over micro-batches, one update."""
         def micro_step(carry, micro):
             grads, total, count, correct = carry
             (s, (n, c)), g = jax.value_and_grad(loss_sum, has_aux=True)(params, frozen, micro)
@@ -244,20 +271,8 @@ def make_steps(graphdef, frozen, tx, layout, *, grid, dtype, label_smoothing, ac
         }
         return new_params, new_opt_state, measurements
 
-    def eval_step(params, frozen, batch):
-        logits = logits_of(params, frozen, batch["patches"])
-        return example_losses(logits, batch["label"]), jnp.argmax(logits, -1).astype(jnp.int32)
-
-    def build(param_shardings, grads_shardings, opt_shardings):
-        nonlocal grad_shardings
-        grad_shardings = grads_shardings
-        replicated = layout.replicated()
-        step = jax.jit(train_step, donate_argnums=(0, 2),
-                       out_shardings=(param_shardings, opt_shardings, replicated))
-        evaluate = jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(1)))
-        return step, evaluate
-
-    return build
+    return jax.jit(train_step, donate_argnums=(0, 2),
+                   out_shardings=(param_shardings, opt_shardings, layout.replicated()))
 
 
 # ----------------------------------------------------------------------------- host <-> device
@@ -428,10 +443,11 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     opt_sh = layout.optimizer(jax.eval_shape(tx.init, params))
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    build = make_steps(graphdef, frozen, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
-                       label_smoothing=t.label_smoothing, accum=t.gradient_accumulation_steps)
     grad_sh = layout.optimizer(params) if layout.strategy != "dp" else param_sh
-    train_step, eval_step = build(param_sh, grad_sh, opt_sh)
+    train_step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+                                 label_smoothing=t.label_smoothing, accum=t.gradient_accumulation_steps,
+                                 param_shardings=param_sh, grad_shardings=grad_sh, opt_shardings=opt_sh)
+    eval_step = make_eval_step(graphdef, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype)
     summary = {
         "strategy": layout.strategy, "devices": devices,
         "params_bytes_per_device": sharding_lib.bytes_per_device(params, param_sh)
@@ -468,9 +484,17 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     start_step, best = 0, {"accuracy": -1.0, "step": None}
     source_dir = ckpt.resolve(resume_from, run_dir)
     if source_dir is not None:
-        state, meta = ckpt.restore(source_dir, state, train_iter)
-        LabelMap.from_json(meta["label_map"]).check_compatible(label_map, f"checkpoint {source_dir}")
+        state, meta, iterator_restored = ckpt.restore(source_dir, state, train_iter)
+        label_map.check_compatible(LabelMap.from_json(meta["label_map"]), f"checkpoint {source_dir}")
+        if meta["global_batch"] != global_batch:
+            raise SchemaError(f"checkpoint {source_dir} was trained with a global batch of {meta['global_batch']}, "
+                              f"this run has {global_batch}: set training.batch_size so that batch_size x devices x "
+                              f"accumulation is {meta['global_batch']}")
         start_step, best = meta["step"], meta["best"]
+        if not iterator_restored:
+            train_iter = iter(make_loader(train_source, batch_size=global_batch // procs, process_index=me,
+                                          process_count=procs, num_workers=t.dataloader_num_workers,
+                                          start_batch=start_step))
         log.info("resumed from %s at step %d", source_dir, start_step)
 
     saved_at = [start_step]
@@ -521,13 +545,15 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
             perf["time"] += now - tick
             perf["steps"] += 1
         tick = now
-        if done_step % freq.training_log_freq == 0 and window["steps"]:
+        if done_step % freq.training_log_freq == 0:
             k = window["steps"]
-            logger.log(done_step, {"training/loss": window["loss"] / k, "training/accuracy": window["accuracy"] / k,
-                                   "training/grad_norm": window["grad_norm"] / k, "training/lr": float(schedule(done_step - 1)),
-                                   "training/epoch": done_step * global_batch / epoch_length,
-                                   "training/skipped_updates": skipped})
-            shown["loss"], shown["acc"] = f"{window['loss'] / k:.4f}", f"{window['accuracy'] / k:.3f}"
+            record = {"training/lr": float(schedule(done_step - 1)),
+                      "training/epoch": done_step * global_batch / epoch_length, "training/skipped_updates": skipped}
+            if k:
+                record.update({"training/loss": window["loss"] / k, "training/accuracy": window["accuracy"] / k,
+                               "training/grad_norm": window["grad_norm"] / k})
+                shown["loss"], shown["acc"] = f"{window['loss'] / k:.4f}", f"{window['accuracy'] / k:.3f}"
+            logger.log(done_step, record)
             if bar is not None:
                 bar.set_postfix(shown, refresh=False)
             for key in window:
@@ -590,6 +616,14 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
             if pending is not None:
                 consume(*pending)
             ckpt.wait()
+        if config.output.export_hf and step == total_steps:
+            export_hf(graphdef, state, run_dir / "hf_final", config, label_map)
+            log.info("wrote the classifier in HF format to %s", run_dir / "hf_final")
+            best_dir = run_dir / "checkpoints" / str(best["step"])
+            if best["step"] is not None and best["step"] != step and best_dir.is_dir():
+                best_state, _, _ = ckpt.restore(best_dir, state)
+                export_hf(graphdef, best_state, run_dir / "hf_best", config, label_map)
+                log.info("wrote the best classifier (step %d) in HF format to %s", best["step"], run_dir / "hf_best")
     finally:
         if bar is not None:
             bar.close()
@@ -599,17 +633,18 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     final_metrics.update(last_eval)
     final_metrics.update({"step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": skipped,
                           "bad_images": bad.counts()})
-    if config.output.export_hf and step == total_steps:
-        export_hf(graphdef, state, run_dir / "hf_final", me)
-        log.info("wrote the classifier in HF format to %s", run_dir / "hf_final")
     return final_metrics
 
 
-def export_hf(graphdef, state, path: Path, process_index: int) -> None:
+def export_hf(graphdef, state, path: Path, config: RunConfig, label_map: LabelMap) -> None:
+    """The classifier as an HF directory, with the image geometry it was trained at and the label map."""
     params = jax.tree.map(to_host, state["params"])
     frozen = jax.tree.map(to_host, state["frozen"])
-    if process_index == 0:
-        save_hf(nnx.merge(graphdef, params, frozen), path)
+    if jax.process_index() == 0:
+        extra = {"image_size": list(config.data.image_hw), "eval_crop_fraction": config.data.eval_crop_fraction,
+                 "label_space": label_map.space}
+        save_hf(nnx.merge(graphdef, params, frozen), path, extra=extra)
+        label_map.save(Path(path) / "label_map.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -617,6 +652,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.batch_size=4 (repeatable)")
+    parser.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
+                        help="save a checkpoint and exit after step N (e.g. to fit a scheduler's time slot); "
+                             "continue with --resume_from auto")
     parser.add_argument("--resume_from", default=None, metavar="PATH|auto",
                         help="a checkpoint step directory, a checkpoints/ or run directory, or 'auto' "
                              "(the latest checkpoint of this run's output directory, if any)")
@@ -627,7 +665,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.set)
-        result = run(config, resume_from=args.resume_from)
+        result = run(config, resume_from=args.resume_from, stop_after=args.stop_after_steps)
     except (SchemaError, DataError, CheckpointError, TrainingError) as e:
         logging.getLogger("qvl_jax.train").error("%s", e)
         print(f"error: {e}", file=sys.stderr)

@@ -127,7 +127,7 @@ def test_sharded_strategies_match_dp_on_8_devices(tmp_path, strategy):
         assert sh_bytes["params_bytes_per_device"] <= dp_bytes["params_bytes_per_device"] / 8 * 1.05
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_and_resume_as_one(tmp_path):
     import socket
 
     base = dict(training={"max_steps": 4, "batch_size": 1},
@@ -142,10 +142,85 @@ def test_two_processes_match_one_process(tmp_path):
     path = write_config(tmp_path, two, "two.yaml")
     procs = [train_subprocess(path, "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
                               "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}",
-                              devices=2, wait=False) for i in (0, 1)]
+                              "--stop_after_steps", "2", devices=2, wait=False) for i in (0, 1)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    # steps 3-4: the two-process checkpoint resumed by one process with 4 devices
+    out = train_subprocess(path, "--resume_from", "auto", devices=4)
+    assert "positioned from the step" in out.stderr
     a, b = losses(tmp_path / "outputs" / "one"), losses(tmp_path / "outputs" / "two")
     assert list(a) == list(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step])
+
+
+def test_resume_on_another_device_count_continues_the_same_stream(tmp_path):
+    common = dict(monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
+                           "wandb": {"mode": "disabled"}, "progress_bar": False})
+    straight = tiny_config(tmp_path, run_name="straight4", training={"max_steps": 6, "batch_size": 1}, **common)
+    train_subprocess(write_config(tmp_path, straight, "a.yaml"), devices=4)
+    moved = tiny_config(tmp_path, run_name="moved", training={"max_steps": 6, "batch_size": 2}, **common)
+    path = write_config(tmp_path, moved, "b.yaml")
+    train_subprocess(path, "--stop_after_steps", "3", devices=2)  # global batch 4 = 2 devices x 2
+    out = train_subprocess(path, "--resume_from", "auto", "--set", "training.batch_size=1", devices=4)
+    assert "positioned from the step" not in out.stderr  # same process count: grain's own state is used
+    a, b = losses(tmp_path / "outputs" / "straight4"), losses(tmp_path / "outputs" / "moved")
+    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:  # the same examples every step; only the reduction order differs
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a, b)
+
+
+def test_freeze_switches_keep_frozen_weights_and_train_the_rest(tmp_path):
+    import qvl_jax
+    from qvl_core.model_config import QwenVLConfig
+    from qvl_jax.classifier import QwenVLClassifier
+    from flax import nnx
+
+    config = tiny_config(tmp_path, model={"freeze_vision": True, "freeze_decoder": True},
+                         training={"max_steps": 3, "vision_learning_rate": 1e-4})
+    result = _run(tmp_path, config)
+    run_dir = tmp_path / "outputs" / "run"
+    sharding = json.loads((run_dir / "logs" / "sharding.json").read_text())
+    trained = qvl_jax.load_hf(run_dir / "hf_final")
+    init_cfg = QwenVLConfig.from_hf_dict(config["model"]["config"]).with_head(num_labels=3)
+    initial = QwenVLClassifier(init_cfg, rngs=nnx.Rngs(0))  # training.seed 0 draws the same fresh weights
+    before = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(initial))}
+    after = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(trained))}
+    # eager and jitted initialisation round differently (1 ulp); training moves weights by ~1e-4 and more
+    moved = {k for k in before if np.abs(before[k] - after[k]).max() > 1e-6}
+    assert moved and all(k.startswith(("visual.merger", "classifier")) for k in moved), sorted(moved)
+    assert any(k.startswith("visual.merger") for k in moved) and "classifier.kernel" in moved
+    n_trainable = sum(v.size for k, v in before.items() if k.startswith(("visual.merger", "classifier")))
+    assert sharding["trainable_params"] == n_trainable and result["step"] == 3
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, skip):
+    from qvl_jax.train import TrainingError
+
+    config = tiny_config(tmp_path, training={"max_steps": 6, "learning_rate": 1e30, "warmup_steps": 0,
+                                             "max_grad_norm": None, "skip_nonfinite": skip})
+    if not skip:
+        with pytest.raises(TrainingError, match=r"step \d: non-finite loss .* set training.skip_nonfinite"):
+            _run(tmp_path, config)
+        return
+    result = _run(tmp_path, config)
+    assert result["step"] == 6 and result["skipped_updates"] >= 1
+    records = read_metrics(tmp_path / "outputs" / "run" / "logs" / "metrics.jsonl")
+    assert max(r.get("training/skipped_updates", 0) for r in records) == result["skipped_updates"]
+
+
+def test_checkpoints_keep_the_newest_and_the_best(tmp_path):
+    config = tiny_config(tmp_path, training={"max_steps": 8},
+                         monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 2, "perf_log_freq": 4},
+                                  "wandb": {"mode": "disabled"}, "progress_bar": False},
+                         output={"save_freq": 1, "keep_checkpoints": 1, "async_checkpointing": True})
+    result = _run(tmp_path, config)
+    ckpts = tmp_path / "outputs" / "run" / "checkpoints"
+    kept = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    best = json.loads((ckpts / "best.json").read_text())
+    assert best["step"] == result["best"]["step"]
+    assert kept == sorted({8, best["step"]})
+    accuracies = [r["eval/overall_accuracy"] for r in read_metrics(tmp_path / "outputs" / "run" / "logs" / "metrics.jsonl")
+                  if "eval/overall_accuracy" in r]
+    assert best["accuracy"] == max(accuracies)
