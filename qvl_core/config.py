@@ -36,6 +36,7 @@ class ModelConfig:
     freeze_merger: bool = False  # freeze the patch merger (the vision-to-text projector)
     freeze_decoder: bool = False  # freeze the Qwen2.5 decoder (embeddings, layers, final norm)
     head_seed: int = 0  # seed of a fresh classification head (same head in both frameworks)
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # PyTorch path; auto: flash-attn, sdpa, eager
 
     def validate(self, where: str) -> None:
         if (self.pretrained_name is None) == (self.config is None):

@@ -25,8 +25,8 @@ from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.train import (abstract_state, evaluate, init_distributed, make_eval_step, model_config,
-                           setup_logging)
+from qvl_core.runs import setup_logging
+from qvl_jax.train import abstract_state, evaluate, init_distributed, make_eval_step, model_config
 
 log = logging.getLogger("qvl_jax.evaluate")
 

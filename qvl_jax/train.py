@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from qvl_core.config import RunConfig, dump_config, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, load_data
 from qvl_core.hf_checkpoint import CheckpointError, resolve_config
 from qvl_core.metrics import MetricsLogger
+from qvl_core.runs import EvalTally, StopRequest, setup_logging
 from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -64,28 +64,6 @@ def init_distributed(cfg) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
     jax.distributed.initialize(**kwargs)
-
-
-def setup_logging(run_dir: Path, process_index: int) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    fmt = logging.Formatter(f"%(asctime)s [p{process_index}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str((run_dir / "logs" / "train.log").resolve())
-               for h in root.handlers):
-        name = "train.log" if process_index == 0 else f"train.p{process_index}.log"
-        fh = logging.FileHandler(run_dir / "logs" / name)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    streams = [h for h in root.handlers if type(h) is logging.StreamHandler]
-    if not streams:
-        streams = [logging.StreamHandler(sys.stderr)]
-        root.addHandler(streams[0])
-    for sh in streams:  # also restyle a handler some library's basicConfig() installed
-        sh.setFormatter(fmt)
-        sh.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
-    for noisy in ("absl", "jax._src", "orbax", "grain", "datasets", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # ----------------------------------------------------------------------------- model
@@ -320,73 +298,30 @@ def device_memory_gb() -> float:
 
 def evaluate(state, eval_step, data, sources, layout, config, step, run_dir) -> dict[str, float]:
     """Loss and accuracy per data set and overall; writes the confusion matrix."""
-    params, frozen = state["params"], state["frozen"]
-    n = data.label_map.num_labels
-    confusion = np.zeros((n, n), np.int64)
-    metrics: dict[str, float] = {}
-    total_loss = total_correct = total_count = 0.0
+    tally = EvalTally(data.label_map.names)
     procs, me = jax.process_count(), jax.process_index()
     for name, (source, global_batch) in sources.items():
         loader = make_loader(source, batch_size=global_batch // procs, process_index=me, process_count=procs,
                              num_workers=0, num_threads=max(1, config.training.dataloader_num_workers or 1),
                              drop_remainder=False)
-        loss_sum = correct = count = 0.0
         for batch in loader:
             arrays = to_global(batch, layout, accum=None)
-            losses, preds = eval_step(params, frozen, arrays)
-            losses, preds = to_host(losses), to_host(preds)
-            labels, valid = to_host(arrays["label"]), to_host(arrays["valid"]).astype(bool)
-            loss_sum += float(losses[valid].sum())
-            correct += float((preds[valid] == labels[valid]).sum())
-            count += float(valid.sum())
-            np.add.at(confusion, (labels[valid], preds[valid]), 1)
-        metrics[f"eval/{name}_loss"] = loss_sum / max(count, 1)
-        metrics[f"eval/{name}_accuracy"] = correct / max(count, 1)
-        total_loss, total_correct, total_count = total_loss + loss_sum, total_correct + correct, total_count + count
-    metrics["eval/overall_loss"] = total_loss / max(total_count, 1)
-    metrics["eval/overall_accuracy"] = total_correct / max(total_count, 1)
-    if jax.process_index() == 0:
-        out = run_dir / "eval"
-        out.mkdir(exist_ok=True)
-        with (out / f"confusion_step{step}.csv").open("w") as f:
-            f.write("true\\pred," + ",".join(data.label_map.names) + "\n")
-            for i, row in enumerate(confusion):
-                f.write(data.label_map.names[i] + "," + ",".join(map(str, row)) + "\n")
-    return metrics
+            losses, preds = eval_step(state["params"], state["frozen"], arrays)
+            tally.add(name, to_host(losses), to_host(preds), to_host(arrays["label"]), to_host(arrays["valid"]))
+    if me == 0:
+        tally.write_confusion(run_dir / "eval" / f"confusion_step{step}.csv")
+    return tally.metrics()
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-class _StopRequest:
-    """SIGTERM/SIGINT: finish the current step, save, exit 0."""
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
 
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received %s: stopping after this step (saving a checkpoint); press Ctrl-C again to abort",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+    return bool(multihost_utils.process_allgather(np.int32(flag)).max())
 
 
 def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | None = None) -> dict[str, Any]:
@@ -581,7 +516,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
         return metrics
 
     try:
-        with _StopRequest() as stop:
+        with StopRequest(_any_process) as stop:
             while step < total_steps:
                 batch = next(train_iter)
                 bad.update(batch)

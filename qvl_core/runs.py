@@ -1,0 +1,106 @@
+"""What every trainer does around its steps: logging set-up, graceful stop, eval bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(run_dir: Path, process_index: int) -> None:
+    """INFO to stderr (process 0; warnings elsewhere) and to <run>/logs/train.log (train.p<N>.log on others)."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s [p{process_index}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    name = "train.log" if process_index == 0 else f"train.p{process_index}.log"
+    target = str((run_dir / "logs" / name).resolve())
+    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        if h.baseFilename != target:  # a previous run in this process
+            root.removeHandler(h)
+            h.close()
+    if not any(isinstance(h, logging.FileHandler) for h in root.handlers):
+        fh = logging.FileHandler(target)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    streams = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if not streams:
+        streams = [logging.StreamHandler(sys.stderr)]
+        root.addHandler(streams[0])
+    for sh in streams:  # also restyle a handler some library's basicConfig() installed
+        sh.setFormatter(fmt)
+        sh.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
+    for noisy in ("absl", "jax._src", "orbax", "grain", "datasets", "urllib3", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class StopRequest:
+    """SIGTERM/SIGINT: finish the current step, save, exit 0 (a second Ctrl-C aborts).
+
+    `any_process(flag) -> bool` tells whether any process was asked to stop, so all stop at the same step.
+    """
+
+    def __init__(self, any_process: Callable[[bool], bool] = lambda flag: flag):
+        self.requested = False
+        self.any_process = any_process
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: stopping after this step (saving a checkpoint); press Ctrl-C again to abort",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        return self.any_process(self.requested)
+
+
+class EvalTally:
+    """Loss and accuracy sums per data set and a confusion matrix, from host-side arrays."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.confusion = np.zeros((len(names), len(names)), np.int64)
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, dataset: str, losses, preds, labels, valid) -> None:
+        valid = np.asarray(valid).astype(bool)
+        losses, preds, labels = np.asarray(losses)[valid], np.asarray(preds)[valid], np.asarray(labels)[valid]
+        s = self.sums.setdefault(dataset, [0.0, 0.0, 0.0])
+        s[0] += float(losses.sum())
+        s[1] += float((preds == labels).sum())
+        s[2] += float(valid.sum())
+        np.add.at(self.confusion, (labels, preds), 1)
+
+    def metrics(self) -> dict[str, float]:
+        out, total = {}, [0.0, 0.0, 0.0]
+        for name, (loss, correct, count) in self.sums.items():
+            out[f"eval/{name}_loss"] = loss / max(count, 1)
+            out[f"eval/{name}_accuracy"] = correct / max(count, 1)
+            total = [a + b for a, b in zip(total, (loss, correct, count))]
+        out["eval/overall_loss"] = total[0] / max(total[2], 1)
+        out["eval/overall_accuracy"] = total[1] / max(total[2], 1)
+        return out
+
+    def write_confusion(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            f.write("true\\pred," + ",".join(self.names) + "\n")
+            for name, row in zip(self.names, self.confusion):
+                f.write(name + "," + ",".join(map(str, row)) + "\n")
