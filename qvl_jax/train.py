@@ -127,8 +127,10 @@ def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, lay
         sharding = sharding.get_value() if hasattr(sharding, "get_value") else sharding
         return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
-    return load_hf(config.model.pretrained_name, num_labels=cfg.head.num_labels, mode=cfg.head.mode,
-                   pooling=cfg.head.pooling, opts=opts, head_seed=config.model.head_seed, place=place)
+    model = load_hf(config.model.pretrained_name, num_labels=cfg.head.num_labels, mode=cfg.head.mode,
+                    pooling=cfg.head.pooling, opts=opts, head_seed=config.model.head_seed, place=place)
+    model.config = cfg  # with the run's label names
+    return model
 
 
 def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):

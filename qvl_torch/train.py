@@ -139,8 +139,10 @@ def build_model(config: RunConfig, label_map: LabelMap, attention: str) -> Torch
     except ConfigError as e:
         raise SchemaError(str(e)) from None
     torch.manual_seed(config.training.seed)
-    hf_cfg = Qwen2_5_VLConfig(**{k: v for k, v in cfg.to_hf_dict().items()
-                                 if k not in ("qvl_classifier", "id2label", "label2id", "num_labels")})
+    raw = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("qvl_classifier", "id2label", "label2id",
+                                                                  "num_labels")}
+    raw["text_config"] = {**raw["text_config"], "bos_token_id": None, "eos_token_id": None}  # no generation here
+    hf_cfg = Qwen2_5_VLConfig(**raw)
     backbone = Qwen2_5_VLModel._from_config(hf_cfg, attn_implementation=attention)
     if cfg.head.mode == "vision":
         del backbone.language_model

@@ -1,0 +1,143 @@
+"""The JAX trainer against the DeepSpeed reference trainer: same config, same checkpoint, same losses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qvl_core.config import RunConfig
+from qvl_core.data import fixtures
+from qvl_core.metrics import read_metrics
+from qvl_core.schema import from_dict
+
+STEPS = 20
+
+
+def _config(tmp, ckpt, run_name, **training):
+    data_dir = tmp / "food"
+    if not data_dir.exists():
+        fixtures.write_food101(data_dir, ["apple_pie", "bibimbap", "churros"], train_per_class=10, test_per_class=3)
+    return {
+        "model": {"pretrained_name": str(ckpt), "param_dtype": "float32", "compute_dtype": "float32",
+                  "attention": "sdpa"},
+        "data": {"datasets": [{"name": "food", "format": "food101", "path": str(data_dir)}], "image_size": 56,
+                 "augment": {"random_resized_crop": False, "hflip": False}},
+        "training": {"max_steps": STEPS, "learning_rate": 1e-3, "warmup_steps": 4, "batch_size": 4,
+                     "weight_decay": 0.01, "dataloader_num_workers": 0, **training},
+        "sharding": {"strategy": "dp"},
+        "monitor": {"all_freq": {"training_log_freq": 1, "eval_log_freq": 10, "perf_log_freq": 10},
+                    "wandb": {"mode": "disabled"}, "progress_bar": False},
+        "output": {"dir": str(tmp / "outputs"), "run_name": run_name, "save_freq": 1000,
+                   "async_checkpointing": False},
+    }
+
+
+def _torch_run(tmp, config: dict, name: str, nproc: int = 1, *extra: str):
+    import yaml
+
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "qvl_torch.train", "--config", str(path), "--deepspeed",
+               "configs/ds_config_zero2.json", *extra]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+               "-m", "qvl_torch.train", "--config", str(path), "--deepspeed", "configs/ds_config_zero2.json", *extra]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def _metrics(tmp, name):
+    records = read_metrics(tmp / "outputs" / name / "logs" / "metrics.jsonl")
+    losses = {r["step"]: r["training/loss"] for r in records if "training/loss" in r}
+    evals = {r["step"]: r["eval/overall_accuracy"] for r in records if "eval/overall_accuracy" in r}
+    return losses, evals
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from parity_tests.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("trainer_ckpt"), seed=3)
+
+
+def test_jax_and_deepspeed_trainers_give_the_same_losses(tmp_path, ckpt):
+    from qvl_jax.train import run
+
+    run(from_dict(RunConfig, _config(tmp_path, ckpt, "jax")))
+    _torch_run(tmp_path, _config(tmp_path, ckpt, "torch"), "torch")
+    jax_loss, jax_eval = _metrics(tmp_path, "jax")
+    torch_loss, torch_eval = _metrics(tmp_path, "torch")
+    assert list(jax_loss) == list(torch_loss) == list(range(1, STEPS + 1))
+    worst = max(abs(jax_loss[s] - torch_loss[s]) / abs(torch_loss[s]) for s in jax_loss)
+    print(f"worst relative loss difference over {STEPS} steps: {worst:.2e}")
+    assert worst <= 1e-4, {s: (jax_loss[s], torch_loss[s]) for s in jax_loss}
+    assert jax_eval == torch_eval and set(jax_eval) == {10, 20}
+    assert jax_loss[STEPS] < jax_loss[1]  # it learns
+
+    # either trainer's HF export loads into the other framework and gives the same logits
+    import qvl_jax
+    from qvl_torch import load_pretrained
+    import torch
+
+    pixels = np.random.default_rng(0).standard_normal((2, 16, 1176)).astype(np.float32)
+    for name in ("jax", "torch"):
+        export = tmp_path / "outputs" / name / "hf_final"
+        assert json.loads((export / "config.json").read_text())["id2label"]["2"] == "churros"
+        a = np.asarray(qvl_jax.load_hf(export)(pixels, (1, 4, 4)).logits)
+        with torch.no_grad():
+            b = load_pretrained(export)(torch.from_numpy(pixels), (1, 4, 4)).logits.numpy()
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5, name
+
+
+def test_zero2_on_two_processes_matches_one(tmp_path, ckpt):
+    one = _config(tmp_path, ckpt, "one", batch_size=4, max_steps=6)
+    two = _config(tmp_path, ckpt, "two", batch_size=2, max_steps=6)  # same global batch of 4
+    _torch_run(tmp_path, one, "one")
+    _torch_run(tmp_path, two, "two", 2)
+    a, _ = _metrics(tmp_path, "one")
+    b, _ = _metrics(tmp_path, "two")
+    assert list(a) == list(b) == list(range(1, 7))
+    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
+    print(f"ZeRO-2, 2 processes vs 1: worst relative loss difference {worst:.2e}")
+    assert worst <= 1e-5, (a, b)
+
+
+def test_deepspeed_resume_continues_with_the_same_losses(tmp_path, ckpt):
+    straight = _config(tmp_path, ckpt, "straight", max_steps=8)
+    broken = _config(tmp_path, ckpt, "broken", max_steps=8)
+    _torch_run(tmp_path, straight, "straight")
+    _torch_run(tmp_path, broken, "broken", 1, "--stop_after_steps", "3")  # 30 records / 4: mid-epoch
+    out = _torch_run(tmp_path, broken, "broken", 1, "--resume_from", "auto")
+    assert "resumed from" in out.stderr
+    a, _ = _metrics(tmp_path, "straight")
+    b, _ = _metrics(tmp_path, "broken")
+    assert list(a) == list(b) == list(range(1, 9))
+    assert [a[s] for s in a] == [b[s] for s in b]  # bit-identical on CPU
+
+
+def test_deepspeed_config_contradiction_names_both_values(tmp_path):
+    from qvl_core.config import load_config
+    from qvl_core.schema import SchemaError
+    from qvl_torch.ds_config import resolve_ds_config
+
+    config = load_config("configs/demo.yaml")
+    ds = resolve_ds_config("configs/ds_config_zero2.json", config, world_size=8)
+    assert ds["train_batch_size"] == 32 * 8 and ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(SchemaError, match=r"train_micro_batch_size_per_gpu is 8 but the YAML gives 32 "
+                                          r"\(training.batch_size\)"):
+        resolve_ds_config(bad, config, world_size=1)
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(SchemaError, match="remove the 'optimizer' block"):
+        resolve_ds_config(bad, config, world_size=1)
