@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--source-size", type=int, default=512)
     parser.add_argument("--images", type=int, default=256, help="distinct JPEGs on disk")
-    parser.add_argument("--batches", type=int, default=24, help="timed batches per setting")
+    parser.add_argument("--batches", type=int, default=48, help="timed batches per setting")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="grain read threads per process")
     args = parser.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
               f"{args.source_size}px JPEG -> {args.image_size}px uint8 patches {source[0]['patches'].shape}")
         for workers in args.workers:
             loader = iter(make_loader(source, batch_size=args.batch_size, num_workers=workers, num_threads=args.threads))
-            for _ in range(max(2, workers * 2)):  # warm up: spawn workers, fill buffers
+            for _ in range(4 + workers * 4):  # warm up: spawn workers, fill buffers
                 next(loader)
             start = time.perf_counter()
             for _ in range(args.batches):

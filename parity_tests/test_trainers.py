@@ -73,8 +73,10 @@ def ckpt(tmp_path_factory):
 def test_jax_and_deepspeed_trainers_give_the_same_losses(tmp_path, ckpt):
     from qvl_jax.train import run
 
-    run(from_dict(RunConfig, _config(tmp_path, ckpt, "jax")))
-    _torch_run(tmp_path, _config(tmp_path, ckpt, "torch"), "torch")
+    # global batch 4 as 2 x 2 accumulation steps: both accumulation paths are compared too
+    accum = {"batch_size": 2, "gradient_accumulation_steps": 2}
+    run(from_dict(RunConfig, _config(tmp_path, ckpt, "jax", **accum)))
+    _torch_run(tmp_path, _config(tmp_path, ckpt, "torch", **accum), "torch")
     jax_loss, jax_eval = _metrics(tmp_path, "jax")
     torch_loss, torch_eval = _metrics(tmp_path, "torch")
     assert list(jax_loss) == list(torch_loss) == list(range(1, STEPS + 1))
@@ -141,3 +143,15 @@ def test_deepspeed_config_contradiction_names_both_values(tmp_path):
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(SchemaError, match="remove the 'optimizer' block"):
         resolve_ds_config(bad, config, world_size=1)
+
+
+def test_attention_fall_back_on_cpu():
+    import torch
+    from qvl_core.schema import SchemaError
+    from qvl_torch.train import choose_attention
+
+    cpu = torch.device("cpu")
+    assert choose_attention("auto", cpu) == "sdpa"
+    assert choose_attention("eager", cpu) == "eager"
+    with pytest.raises(SchemaError, match="flash_attention_2 cannot be used: flash-attn needs a CUDA device"):
+        choose_attention("flash_attention_2", cpu)

@@ -108,3 +108,25 @@ def init_head(cfg: QwenVLConfig, seed: int) -> dict[str, np.ndarray]:
     weight = rng.normal(0.0, cfg.text.initializer_range, (cfg.head.num_labels, head_input_size(cfg)))
     return {"classifier.weight": weight.astype(np.float32),
             "classifier.bias": np.zeros((cfg.head.num_labels,), np.float32)}
+
+
+def local_checkpoint(name: str) -> Path:
+    """`model.pretrained_name` as a local directory: the path itself, or a hub download of a repo id.
+
+    A repo id ("Qwen/Qwen2.5-VL-7B-Instruct") is fetched with huggingface_hub (config and safetensors only)
+    where the hub is reachable; otherwise the error says to download it and point to the directory.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"model.pretrained_name: {name} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # no huggingface_hub, no network, no such repo, gated repo ...
+        raise CheckpointError(f"model.pretrained_name: {name} is not a local directory and could not be fetched "
+                              f"from the hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"download it and set pretrained_name to its directory") from None

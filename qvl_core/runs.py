@@ -13,6 +13,33 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def start_run(config, process_index: int):
+    """Logging, the resolved config and the checked data with its label map, as every trainer starts.
+
+    Returns `qvl_core.data.Data`; raises DataError when nothing can be trained on, and SchemaError when
+    `model.num_labels` contradicts the data.
+    """
+    from qvl_core.config import dump_config
+    from qvl_core.data import DataError, load_data
+    from qvl_core.schema import SchemaError
+
+    run_dir = config.run_dir
+    setup_logging(run_dir, process_index)
+    if process_index == 0:
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    data = load_data(config.data)
+    log.info("data: %s", data.summary())
+    if process_index == 0:
+        data.label_map.save(run_dir / "label_map.json")
+    if not data.train:
+        raise DataError("no data set has a train split: nothing to train on")
+    wanted, have = config.model.num_labels, data.label_map.num_labels
+    if wanted is not None and wanted != have:
+        raise SchemaError(f"model.num_labels is {wanted} but the data has {have} labels "
+                          f"(label_space {data.label_map.space}); remove model.num_labels or fix the data sets")
+    return data
+
+
 def setup_logging(run_dir: Path, process_index: int) -> None:
     """INFO to stderr (process 0; warnings elsewhere) and to <run>/logs/train.log (train.p<N>.log on others)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

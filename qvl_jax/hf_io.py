@@ -23,7 +23,6 @@ from safetensors.numpy import save_file
 
 from qvl_core.hf_checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, init_head, read_config,
                                     resolve_config, weight_files)
-from qvl_core.model_config import QwenVLConfig
 from qvl_jax import param_map
 from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.options import DTYPES, RuntimeOptions

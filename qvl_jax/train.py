@@ -27,11 +27,11 @@ import optax
 from flax import nnx
 
 from qvl_core import flops as flops_lib
-from qvl_core.config import RunConfig, dump_config, load_config
-from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, load_data
-from qvl_core.hf_checkpoint import CheckpointError, resolve_config
+from qvl_core.config import RunConfig, load_config
+from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource
+from qvl_core.hf_checkpoint import CheckpointError, local_checkpoint, resolve_config
 from qvl_core.metrics import MetricsLogger
-from qvl_core.runs import EvalTally, StopRequest, setup_logging
+from qvl_core.runs import EvalTally, StopRequest, start_run
 from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -72,9 +72,6 @@ def init_distributed(cfg) -> None:
 def model_config(config: RunConfig, label_map: LabelMap) -> tuple[QwenVLConfig, list | None]:
     """The classifier's config with the data's labels; checks num_labels against data and stored head."""
     m = config.model
-    if m.num_labels is not None and m.num_labels != label_map.num_labels:
-        raise SchemaError(f"model.num_labels is {m.num_labels} but the data has {label_map.num_labels} labels "
-                          f"(label_space {label_map.space}); remove model.num_labels or fix the data sets")
     num_labels = label_map.num_labels
     if m.pretrained_name is not None:
         path = Path(m.pretrained_name)
@@ -335,17 +332,14 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     init_distributed(config.distributed)
     run_dir = config.run_dir
     me, procs = jax.process_index(), jax.process_count()
-    setup_logging(run_dir, me)
-    if me == 0:
-        (run_dir / "config.yaml").write_text(dump_config(config))
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data = load_data(config.data)
-    log.info("data: %s", data.summary())
+    data = start_run(config, me)
     label_map = data.label_map
-    if me == 0:
-        label_map.save(run_dir / "label_map.json")
+    if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, pretrained_name=str(local_checkpoint(config.model.pretrained_name))))
 
     # --- mesh and batch geometry
     mesh = sharding_lib.make_mesh()
@@ -359,8 +353,6 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                               f"x {t.gradient_accumulation_steps} accumulation steps")
         raise SchemaError(f"training.global_batch_size {t.global_batch_size} != batch_size {t.batch_size} x "
                           f"{devices} devices x {t.gradient_accumulation_steps} accumulation = {global_batch}")
-    if not data.train:
-        raise DataError("no data set has a train split: nothing to train on")
     epoch_length = TrainSource(data, seed=t.seed).epoch_length
     total_steps = t.max_steps or max(1, math.ceil(t.num_epochs * epoch_length / global_batch))
     log.info("%d process(es), %d device(s) (%s); strategy %s; global batch %d = %d per device x %d devices x %d "

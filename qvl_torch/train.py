@@ -11,6 +11,7 @@ schedule (linear warm-up from 0, then cosine) are built to match optax's step fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -28,12 +29,12 @@ import torch
 import torch.distributed as dist
 
 from qvl_core import flops as flops_lib
-from qvl_core.config import RunConfig, dump_config, load_config
-from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, expand_patches, load_data
-from qvl_core.hf_checkpoint import CheckpointError, init_head
+from qvl_core.config import RunConfig, load_config
+from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, expand_patches
+from qvl_core.hf_checkpoint import CheckpointError, init_head, local_checkpoint
 from qvl_core.metrics import MetricsLogger
 from qvl_core.model_config import ConfigError, QwenVLConfig
-from qvl_core.runs import EvalTally, StopRequest, setup_logging
+from qvl_core.runs import EvalTally, StopRequest, start_run
 from qvl_core.schema import SchemaError
 from qvl_torch.data import make_loader
 from qvl_torch.ds_config import resolve_ds_config
@@ -116,9 +117,6 @@ def choose_attention(requested: str, device: torch.device) -> str:
 
 def build_model(config: RunConfig, label_map: LabelMap, attention: str) -> TorchQwenVLClassifier:
     m = config.model
-    if m.num_labels is not None and m.num_labels != label_map.num_labels:
-        raise SchemaError(f"model.num_labels is {m.num_labels} but the data has {label_map.num_labels} labels "
-                          f"(label_space {label_map.space}); remove model.num_labels or fix the data sets")
     pooling = m.resolved_pooling
     if m.pretrained_name is not None:
         if not Path(m.pretrained_name).is_dir():
@@ -290,19 +288,14 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
 
     rank, world, device = init_processes()
     run_dir = config.run_dir
-    setup_logging(run_dir, rank)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(dump_config(config))
     t = config.training
 
-    # --- data
-    data = load_data(config.data)
-    log.info("data: %s", data.summary())
+    # --- data (every split checked before anything heavy)
+    data = start_run(config, rank)
     label_map = data.label_map
-    if rank == 0:
-        label_map.save(run_dir / "label_map.json")
-    if not data.train:
-        raise DataError("no data set has a train split: nothing to train on")
+    if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, pretrained_name=str(local_checkpoint(config.model.pretrained_name))))
 
     # --- batch geometry and the DeepSpeed config
     ds_config = resolve_ds_config(deepspeed_config, config, world)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 from qvl_core.data import DataError
 from qvl_core.schema import from_dict

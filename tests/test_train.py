@@ -104,7 +104,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     assert steps and 5 <= steps[-1] < 400
     resumed = train_subprocess(path, "--resume_from", "auto", "--set", "training.max_steps=400",
                                "--set", "monitor.all_freq.eval_log_freq=5000", timeout=600)
-    assert f"resumed from" in resumed.stderr and "\"step\": 400" in resumed.stdout
+    assert "resumed from" in resumed.stderr and "\"step\": 400" in resumed.stdout
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "fsdp"])
@@ -224,3 +224,37 @@ def test_checkpoints_keep_the_newest_and_the_best(tmp_path):
     accuracies = [r["eval/overall_accuracy"] for r in read_metrics(tmp_path / "outputs" / "run" / "logs" / "metrics.jsonl")
                   if "eval/overall_accuracy" in r]
     assert best["accuracy"] == max(accuracies)
+
+
+def test_accumulation_and_remat_leave_the_losses_unchanged(tmp_path):
+    runs = {
+        "plain": {"batch_size": 4},
+        "accum": {"batch_size": 2, "gradient_accumulation_steps": 2},  # same global batch of 4
+        "remat": {"batch_size": 4, "gradient_checkpointing": True},
+    }
+    for name, training in runs.items():
+        _run(tmp_path, tiny_config(tmp_path, run_name=name, training={"max_steps": 4, **training}))
+    plain = losses(tmp_path / "outputs" / "plain")
+    for name in ("accum", "remat"):
+        other = losses(tmp_path / "outputs" / name)
+        assert list(other) == [1, 2, 3, 4]
+        for step in plain:
+            assert abs(other[step] - plain[step]) <= 1e-6 * plain[step], (name, step, other, plain)
+
+
+def test_bfloat16_compute_trains(tmp_path):
+    _run(tmp_path, tiny_config(tmp_path, run_name="f32", training={"max_steps": 4}))
+    _run(tmp_path, tiny_config(tmp_path, run_name="bf16", model={"compute_dtype": "bfloat16"},
+                               training={"max_steps": 4}))
+    f32, bf16 = losses(tmp_path / "outputs" / "f32"), losses(tmp_path / "outputs" / "bf16")
+    for step in f32:  # the same run up to bfloat16 rounding of the activations
+        assert np.isfinite(bf16[step]) and abs(bf16[step] - f32[step]) <= 2e-2 * f32[step], (f32, bf16)
+
+
+def test_hub_name_without_hub_is_a_clear_error(tmp_path):
+    from qvl_core.hf_checkpoint import CheckpointError
+
+    config = tiny_config(tmp_path)
+    config["model"] = {"pretrained_name": "qvl-tests/no-such-model"}
+    with pytest.raises(CheckpointError, match="no-such-model is not a local directory and could not be fetched"):
+        _run(tmp_path, config)

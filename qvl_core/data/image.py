@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import math
 import os
-from pathlib import Path
 from typing import Union
 
 import numpy as np

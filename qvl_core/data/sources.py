@@ -77,6 +77,16 @@ class FileSplit(ImageSplit):
         return str(self.paths[i])
 
 
+def _optional_import(module: str, cfg: DatasetConfig, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DataError(f"data set {cfg.name!r}: format {cfg.format!r} needs {module} "
+                        f"(pip install 'qvl[{extra}]'): {e}") from e
+
+
 def _require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"{what}: directory {path} does not exist")
@@ -200,10 +210,7 @@ class HFSplit(ImageSplit):
 
 
 def _hf_table(cfg: DatasetConfig, split: str):
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError(f"data set {cfg.name!r}: format 'hf' needs the `datasets` package (pip install 'qvl[hf]')") from e
+    datasets = _optional_import("datasets", cfg, "hf")
     root = Path(cfg.path)
     what = f"data set {cfg.name!r} (hf)"
     _require_dir(root, what)
@@ -261,10 +268,7 @@ class TfdsSplit(ImageSplit):
     """A prepared TFDS directory read through array_record, without TensorFlow."""
 
     def __init__(self, cfg: DatasetConfig, split: str):
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError as e:
-            raise DataError(f"data set {cfg.name!r}: format 'tfds' needs tensorflow-datasets (pip install 'qvl[tfds]')") from e
+        tfds = _optional_import("tensorflow_datasets", cfg, "tfds")
         root = Path(cfg.path)
         what = f"data set {cfg.name!r} (tfds)"
         _require_dir(root, what)
