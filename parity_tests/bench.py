@@ -1,0 +1,219 @@
+"""The same training step (forward, backward, AdamW) in JAX and in PyTorch, side by side.
+
+    python -m parity_tests.bench --config configs/bench_small.yaml [--steps N] [--json OUT] [--only jax|torch]
+
+Random weights and a random batch of the config's image size; after warm-up, the
+median step time of N steps per framework. MFU is against the device's peak: on a
+GPU from the datasheet table (`qvl_core.flops`), on a CPU the float32 matmul peak
+measured in this run (the best of a large jnp.dot and torch.mm), printed with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from qvl_core import flops as flops_lib
+from qvl_core.config import load_config
+from qvl_core.model_config import QwenVLConfig
+
+NUM_LABELS = 10
+
+
+def _model_config(config) -> QwenVLConfig:
+    m = config.model
+    return QwenVLConfig.from_hf_dict(m.config, source="model.config").with_head(
+        num_labels=NUM_LABELS, mode=m.mode, pooling=m.resolved_pooling)
+
+
+def _batch(config, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    b, n = config.training.batch_size, config.data.num_patches
+    patches = rng.integers(0, 256, (b, n, 588), dtype=np.uint8)
+    labels = rng.integers(0, NUM_LABELS, (b,), dtype=np.int32)
+    return patches, labels
+
+
+def matmul_peak_tflops(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """Measured float32 matmul TFLOP/s of this machine, by JAX and by torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    out = {}
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    out["jax"] = 2 * size**3 / min(times) / 1e12
+    x = torch.ones(size, size)
+    torch.mm(x, x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(x, x)
+        times.append(time.perf_counter() - t)
+    out["torch"] = 2 * size**3 / min(times) / 1e12
+    return out
+
+
+def bench_jax(config, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qvl_jax import sharding as sharding_lib
+    from qvl_jax.classifier import QwenVLClassifier
+    from qvl_jax.options import RuntimeOptions
+    from qvl_jax.train import make_optimizer, make_train_step, trainable_filter
+
+    cfg = _model_config(config)
+    t = config.training
+    opts = RuntimeOptions(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
+                          attention="auto" if t.memory_efficient_attention else "xla", remat=t.gradient_checkpointing)
+    layout = sharding_lib.Layout(sharding_lib.make_mesh(jax.devices()[:1]), "dp")
+    model = QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
+    tx, _ = make_optimizer(config, params, total_steps=1000)
+    param_sh = jax.tree.map(lambda x: layout.replicated(), params)
+    opt_state = tx.init(params)
+    opt_sh = jax.tree.map(lambda x: layout.replicated(), opt_state)
+    step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+                           label_smoothing=0.0, accum=1, param_shardings=param_sh, grad_shardings=param_sh,
+                           opt_shardings=opt_sh)
+    patches, labels = _batch(config)
+    batch = {"patches": jnp.asarray(patches[None]), "label": jnp.asarray(labels[None]),
+             "valid": jnp.ones((1, len(labels)), bool)}
+    compiled = step.lower(params, frozen, opt_state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        params, opt_state, m = compiled(params, frozen, opt_state, batch)
+        jax.block_until_ready(m["loss"])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"step_times": times, "xla_flops": float(cost.get("flops", float("nan"))),
+            "peak_memory_gb": stats.get("peak_bytes_in_use", float("nan")) / 1e9 if stats else None,
+            "device": jax.devices()[0].device_kind}
+
+
+def bench_torch(config, steps: int, warmup: int) -> dict:
+    import torch
+
+    from qvl_core.data import expand_patches
+    from qvl_torch.model import TorchQwenVLClassifier
+    from qvl_torch.train import choose_attention
+
+    cfg = _model_config(config)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+    raw = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("qvl_classifier", "id2label", "label2id",
+                                                                  "num_labels")}
+    raw["text_config"] = {**raw["text_config"], "bos_token_id": None, "eos_token_id": None}
+    torch.manual_seed(0)
+    attention = choose_attention(config.model.attention, device)
+    dtype = torch.bfloat16 if config.model.compute_dtype == "bfloat16" else torch.float32
+    backbone = Qwen2_5_VLModel._from_config(Qwen2_5_VLConfig(**raw), attn_implementation=attention)
+    model = TorchQwenVLClassifier(cfg, backbone).to(device).train()
+    if config.training.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
+    patches, labels = _batch(config)
+    pixels = torch.from_numpy(expand_patches(patches)).to(device)
+    target = torch.from_numpy(labels).long().to(device)
+    grid = config.data.grid_thw
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(pixels, grid).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.max_grad_norm or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {"step_times": times, "peak_memory_gb": peak, "device": name, "attention": attention}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity_tests.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/bench_small.yaml")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--only", choices=["jax", "torch"], default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.set)
+    cfg = _model_config(config)
+    batch = config.training.batch_size
+    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
+
+    results, device = {}, None
+    for name, fn in (("jax", bench_jax), ("torch", bench_torch)):
+        if args.only and name != args.only:
+            continue
+        r = fn(config, args.steps, args.warmup)
+        median = statistics.median(r.pop("step_times"))
+        device = device or r["device"]
+        results[name] = {"samples_per_second": batch / median, "step_time_s": median,
+                         "tflops": step_flops / median / 1e12, **r}
+    if device is None or device == "cpu" or "cpu" in str(device).lower():
+        measured = matmul_peak_tflops()
+        peak, peak_source = max(measured.values()), f"measured float32 matmul peak (jax {measured['jax']:.3f}, " \
+                                                     f"torch {measured['torch']:.3f} TFLOP/s)"
+    else:
+        peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
+        peak_source = "datasheet bf16 dense peak" if peak else "unknown peak"
+    for r in results.values():
+        r["mfu"] = r["tflops"] / peak if peak else None
+    out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if "cpu" in str(device).lower()
+           else device, "peak_tflops": peak, "peak_source": peak_source, "analytic_flops_per_step": step_flops,
+           **results}
+    if "jax" in results:
+        out["xla_flops_per_step"] = results["jax"]["xla_flops"]
+    if "jax" in results and "torch" in results:
+        out["ratio_samples_per_second"] = results["jax"]["samples_per_second"] / results["torch"]["samples_per_second"]
+    print(f"device: {out['device']}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")
+    print(f"model FLOPs per step: analytic {step_flops:.4g}" +
+          (f", XLA cost_analysis {out['xla_flops_per_step']:.4g} "
+           f"of the whole step incl. AdamW ({step_flops / out['xla_flops_per_step'] - 1:+.1%})"
+           if "xla_flops_per_step" in out else ""))
+    print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}")
+    for name, r in results.items():
+        mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
+        mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.3f} {mfu:>6} "
+              f"{mem:>11}")
+    if "ratio_samples_per_second" in out:
+        print(f"JAX / PyTorch samples/s: {out['ratio_samples_per_second']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
