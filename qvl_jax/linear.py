@@ -51,4 +51,8 @@ class Linear(nnx.Linear):
         super().__init__(*args, dot_general=_dot_general, **kwargs)
 
     def __call__(self, x):
-        return super().__call__(x).astype(self.dtype or x.dtype)
+        # As one [rows, in] x [in, out] matmul: XLA:CPU runs the weight gradient of a 3-D input
+        # (two contracting dimensions) ~15% slower than the same GEMM on the flattened rows.
+        lead = x.shape[:-1]
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, y.shape[-1]).astype(self.dtype or x.dtype)
