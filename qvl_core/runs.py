@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def start_run(config, process_index: int):
+def start_run(config, process_index: int, framework: str):
     """Logging, the resolved config and the checked data with its label map, as every trainer starts.
 
     Returns `qvl_core.data.Data`; raises DataError when nothing can be trained on, and SchemaError when
@@ -27,6 +28,7 @@ def start_run(config, process_index: int):
     setup_logging(run_dir, process_index)
     if process_index == 0:
         (run_dir / "config.yaml").write_text(dump_config(config))
+        (run_dir / "logs" / "run.json").write_text(json.dumps({"framework": framework}) + "\n")
     data = load_data(config.data)
     log.info("data: %s", data.summary())
     if process_index == 0:
@@ -99,30 +101,36 @@ class StopRequest:
 
 
 class EvalTally:
-    """Loss and accuracy sums per data set and a confusion matrix, from host-side arrays."""
+    """Loss, top-1 and top-5 sums per data set and a confusion matrix, from host-side arrays."""
 
     def __init__(self, names: tuple[str, ...]):
         self.names = names
         self.confusion = np.zeros((len(names), len(names)), np.int64)
         self.sums: dict[str, list[float]] = {}
 
-    def add(self, dataset: str, losses, preds, labels, valid) -> None:
+    def add(self, dataset: str, losses, top, labels, valid) -> None:
+        """`top`: predicted classes, `[B]` or `[B, k]` best first."""
         valid = np.asarray(valid).astype(bool)
-        losses, preds, labels = np.asarray(losses)[valid], np.asarray(preds)[valid], np.asarray(labels)[valid]
-        s = self.sums.setdefault(dataset, [0.0, 0.0, 0.0])
+        top = np.asarray(top)
+        top = top[:, None] if top.ndim == 1 else top
+        losses, top, labels = np.asarray(losses)[valid], top[valid], np.asarray(labels)[valid]
+        s = self.sums.setdefault(dataset, [0.0, 0.0, 0.0, 0.0])
         s[0] += float(losses.sum())
-        s[1] += float((preds == labels).sum())
-        s[2] += float(valid.sum())
-        np.add.at(self.confusion, (labels, preds), 1)
+        s[1] += float((top[:, 0] == labels).sum())
+        s[2] += float((top == labels[:, None]).any(-1).sum())
+        s[3] += float(valid.sum())
+        np.add.at(self.confusion, (labels, top[:, 0]), 1)
 
     def metrics(self) -> dict[str, float]:
-        out, total = {}, [0.0, 0.0, 0.0]
-        for name, (loss, correct, count) in self.sums.items():
+        out, total = {}, [0.0, 0.0, 0.0, 0.0]
+        for name, (loss, correct, top5, count) in self.sums.items():
             out[f"eval/{name}_loss"] = loss / max(count, 1)
             out[f"eval/{name}_accuracy"] = correct / max(count, 1)
-            total = [a + b for a, b in zip(total, (loss, correct, count))]
-        out["eval/overall_loss"] = total[0] / max(total[2], 1)
-        out["eval/overall_accuracy"] = total[1] / max(total[2], 1)
+            out[f"eval/{name}_top5_accuracy"] = top5 / max(count, 1)
+            total = [a + b for a, b in zip(total, (loss, correct, top5, count))]
+        out["eval/overall_loss"] = total[0] / max(total[3], 1)
+        out["eval/overall_accuracy"] = total[1] / max(total[3], 1)
+        out["eval/overall_top5_accuracy"] = total[2] / max(total[3], 1)
         return out
 
     def write_confusion(self, path: Path) -> None:
@@ -131,3 +139,37 @@ class EvalTally:
             f.write("true\\pred," + ",".join(self.names) + "\n")
             for name, row in zip(self.names, self.confusion):
                 f.write(name + "," + ",".join(map(str, row)) + "\n")
+
+    def write_per_class(self, path: Path) -> None:
+        """class, images, correct, accuracy (top-1), from the confusion matrix."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            f.write("class,images,correct,accuracy\n")
+            for i, name in enumerate(self.names):
+                n = int(self.confusion[i].sum())
+                c = int(self.confusion[i, i])
+                f.write(f"{name},{n},{c},{c / n if n else float('nan'):.6f}\n")
+
+    def plot_confusion(self, path: Path, title: str = "confusion matrix") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = len(self.names)
+        rows = self.confusion.sum(1, keepdims=True)
+        normalised = self.confusion / np.maximum(rows, 1)
+        size = min(4 + n * 0.25, 24)
+        fig, ax = plt.subplots(figsize=(size, size * 0.9))
+        image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+        if n <= 40:
+            ax.set_xticks(range(n), self.names, rotation=90, fontsize=7)
+            ax.set_yticks(range(n), self.names, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

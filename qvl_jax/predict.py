@@ -1,10 +1,12 @@
-"""Classify images with a trained classifier in HF format (the trainer's hf_final / hf_best).
+"""Classify images with a trained classifier.
 
-    python -m qvl_jax.predict --model outputs/<run>/hf_best IMAGE_OR_DIR [...] [--top_k 3] [--output preds.jsonl]
+    python -m qvl_jax.predict --checkpoint PATH IMAGE_OR_DIR [...] [--top_k 5] [--json] [--output preds.jsonl]
 
-Labels come from the model's config.json (`id2label`, written from the run's label
-map); images are resized and centre-cropped as at evaluation, to the image size
-stored with the model (or --image_size). Unreadable files are reported and skipped.
+PATH is what `qvl_jax.evaluate` takes: a run directory, an orbax step directory, or
+an HF export (`hf_final` / `hf_best`, from either trainer). Class names come from
+the label map stored with the checkpoint; images are resized and centre-cropped as
+at evaluation, to the size the model was trained at. A path that is not a readable
+image is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qvl_core.config import load_config
 from qvl_core.data import BadImageError, EvalTransform, decode_image, patchify
 from qvl_core.data.sources import IMAGE_EXTENSIONS
 from qvl_core.hf_checkpoint import CheckpointError
-from qvl_jax.hf_io import load_hf
+from qvl_core.schema import SchemaError
+from qvl_jax.evaluate import load_classifier, locate
 from qvl_jax.pixels import expand_patches
 
 
@@ -32,39 +36,36 @@ def image_files(inputs: list[str]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        elif path.exists():
-            files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
+            files.append(path)  # a missing or unreadable file is reported per image
     return files
 
 
-def predict(model_dir: str, inputs: list[str], *, top_k: int = 3, batch_size: int = 16,
-            image_size: tuple[int, int] | None = None, dtype: str = "float32"):
-    """Yields one dict per image: path, then labels/probs (top_k) or error."""
-    raw = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() else {}
-    stored = raw.get("qvl_classifier", {})
-    model = load_hf(model_dir, dtype=dtype)
-    names = model.config.head.id2label
-    if names is None:
-        raise CheckpointError(f"{model_dir}: config.json has no id2label; is this a trained qvl classifier?")
-    size = image_size or tuple(stored.get("image_size", ()))
+def predict(checkpoint: str, inputs: list[str], *, top_k: int = 5, batch_size: int = 16,
+            image_size: tuple[int, int] | None = None, config_path: str | None = None):
+    """Yields one dict per image: path, then labels/probs (best first) or error."""
+    _, _, run = locate(checkpoint)
+    config_file = Path(config_path) if config_path else (run / "config.yaml" if run else None)
+    config = load_config(config_file) if config_file and config_file.is_file() else None
+    loaded = load_classifier(checkpoint, config)
+    names = loaded.label_map.names
+    size = tuple(image_size or loaded.image_hw or ())
     if len(size) != 2:
-        raise CheckpointError(f"{model_dir}: no image_size stored with the model; pass --image_size H W")
-    transform = EvalTransform(tuple(size), stored.get("eval_crop_fraction", 1.0))
+        raise CheckpointError(f"{loaded.source}: no image size stored with the model; pass --image_size H W")
+    transform = EvalTransform(size, loaded.crop_fraction)
     grid = (1, size[0] // 14, size[1] // 14)
-    graphdef, state = nnx.split(model)
     k = min(top_k, len(names))
+    graphdef, dtype = loaded.graphdef, loaded.opts.jnp_dtype
 
     @jax.jit
-    def probabilities(state, patches):
-        logits = nnx.merge(graphdef, state)(expand_patches(patches, model.opts.jnp_dtype), grid).logits
+    def probabilities(params, frozen, patches):
+        logits = nnx.merge(graphdef, params, frozen)(expand_patches(patches, dtype), grid).logits
         return jax.nn.softmax(logits, -1)
 
     files = image_files(inputs)
     for start in range(0, len(files), batch_size):
-        chunk, arrays, rows = files[start:start + batch_size], [], []
-        for path in chunk:
+        arrays, rows = [], []
+        for path in files[start:start + batch_size]:
             try:
                 arrays.append(patchify(transform(decode_image(path))))
                 rows.append({"path": str(path)})
@@ -73,32 +74,36 @@ def predict(model_dir: str, inputs: list[str], *, top_k: int = 3, batch_size: in
         if not arrays:
             continue
         batch = np.stack(arrays + [arrays[0]] * (batch_size - len(arrays)))  # one compiled shape
-        probs = np.asarray(probabilities(state, jnp.asarray(batch)))[: len(arrays)]
-        for row, p in zip(rows, probs):
+        probs = np.asarray(probabilities(loaded.state["params"], loaded.state["frozen"], jnp.asarray(batch)))
+        for row, p in zip(rows, probs[: len(arrays)]):
             top = np.argsort(-p)[:k]
             yield {**row, "labels": [names[i] for i in top], "probs": [round(float(p[i]), 6) for i in top]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qvl_jax.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="HF-format classifier directory (e.g. outputs/<run>/hf_best)")
+    parser.add_argument("--checkpoint", required=True, help="run dir, <run>/checkpoints/<step>, or an HF export")
     parser.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
-    parser.add_argument("--top_k", type=int, default=3)
+    parser.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    parser.add_argument("--config", default=None, help="run config (default: the run's config.yaml)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument("--output", default=None, help="also write one JSON object per image to this file")
     args = parser.parse_args(argv)
     out = open(args.output, "w") if args.output else None
     try:
-        for row in predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           image_size=tuple(args.image_size) if args.image_size else None):
-            if "error" in row:
+        for row in predict(args.checkpoint, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                           image_size=tuple(args.image_size) if args.image_size else None, config_path=args.config):
+            if args.json:
+                print(json.dumps(row))
+            elif "error" in row:
                 print(f"{row['path']}\terror: {row['error']}", file=sys.stderr)
             else:
                 print(row["path"] + "\t" + "\t".join(f"{n} {p:.4f}" for n, p in zip(row["labels"], row["probs"])))
             if out:
                 out.write(json.dumps(row) + "\n")
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, SchemaError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -194,14 +194,15 @@ def _example_losses(logits, labels, label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_eval_step(graphdef, layout, *, grid, dtype):
-    """Jitted `(params, frozen, batch) -> (loss [B], prediction [B])`, split over `data`."""
+def make_eval_step(graphdef, layout, *, grid, dtype, top_k: int = 5):
+    """Jitted `(params, frozen, batch) -> (loss [B], top-k classes [B, k])` (best first), split over `data`."""
 
     def eval_step(params, frozen, batch):
         logits = _logits(graphdef, params, frozen, batch["patches"], grid, dtype)
-        return _example_losses(logits, batch["label"]), jnp.argmax(logits, -1).astype(jnp.int32)
+        k = min(top_k, logits.shape[-1])
+        return _example_losses(logits, batch["label"]), jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
-    return jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(1)))
+    return jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(2)))
 
 
 def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum, param_shardings, grad_shardings,
@@ -295,8 +296,8 @@ def device_memory_gb() -> float:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(state, eval_step, data, sources, layout, config, step, run_dir) -> dict[str, float]:
-    """Loss and accuracy per data set and overall; writes the confusion matrix."""
+def evaluate(state, eval_step, data, sources, layout, config, step, run_dir) -> EvalTally:
+    """Loss, top-1 and top-5 accuracy per data set and overall (`.metrics()`); writes the confusion matrix."""
     tally = EvalTally(data.label_map.names)
     procs, me = jax.process_count(), jax.process_index()
     for name, (source, global_batch) in sources.items():
@@ -308,8 +309,9 @@ def evaluate(state, eval_step, data, sources, layout, config, step, run_dir) -> 
             losses, preds = eval_step(state["params"], state["frozen"], arrays)
             tally.add(name, to_host(losses), to_host(preds), to_host(arrays["label"]), to_host(arrays["valid"]))
     if me == 0:
-        tally.write_confusion(run_dir / "eval" / f"confusion_step{step}.csv")
-    return tally.metrics()
+        name = f"step{step}" if isinstance(step, int) else str(step)
+        tally.write_confusion(run_dir / "eval" / f"confusion_{name}.csv")
+    return tally
 
 
 # ----------------------------------------------------------------------------- the run
@@ -335,7 +337,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data = start_run(config, me)
+    data = start_run(config, me, "jax")
     label_map = data.label_map
     if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
         config = dataclasses.replace(config, model=dataclasses.replace(
@@ -499,7 +501,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
 
     def run_eval(at_step: int) -> dict[str, float]:
         nonlocal best
-        metrics = evaluate(state, eval_step, data, eval_sources, layout, config, at_step, run_dir)
+        metrics = evaluate(state, eval_step, data, eval_sources, layout, config, at_step, run_dir).metrics()
         if metrics["eval/overall_accuracy"] > best["accuracy"]:
             best = {"accuracy": metrics["eval/overall_accuracy"], "step": at_step}
         metrics["best_overall_accuracy"] = best["accuracy"]

@@ -291,7 +291,7 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data = start_run(config, rank)
+    data = start_run(config, rank, "torch")
     label_map = data.label_map
     if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
         config = dataclasses.replace(config, model=dataclasses.replace(
@@ -371,7 +371,8 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
                     logits = engine(pixels(batch, device, compute_dtype), config.data.grid_thw).logits.float()
                     labels = batch["label"].long().to(device)
                     losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-                    rows.append((losses.cpu().numpy(), logits.argmax(-1).cpu().numpy(), batch["label"].numpy(),
+                    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                    rows.append((losses.cpu().numpy(), top.cpu().numpy(), batch["label"].numpy(),
                                  batch["valid"].numpy()))
                 gathered = [None] * world
                 dist.all_gather_object(gathered, rows)
