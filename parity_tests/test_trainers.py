@@ -155,3 +155,42 @@ def test_attention_fall_back_on_cpu():
     assert choose_attention("eager", cpu) == "eager"
     with pytest.raises(SchemaError, match="flash_attention_2 cannot be used: flash-attn needs a CUDA device"):
         choose_attention("flash_attention_2", cpu)
+
+
+def test_deepspeed_bf16_and_gradient_checkpointing_train(tmp_path, ckpt):
+    plain = _config(tmp_path, ckpt, "plain", max_steps=4)
+    remat = _config(tmp_path, ckpt, "remat", max_steps=4, gradient_checkpointing=True)
+    bf16 = _config(tmp_path, ckpt, "bf16", max_steps=4)
+    bf16["model"]["compute_dtype"] = "bfloat16"
+    for name, cfg in (("plain", plain), ("remat", remat), ("bf16", bf16)):
+        _torch_run(tmp_path, cfg, name)
+    a, b, c = (_metrics(tmp_path, n)[0] for n in ("plain", "remat", "bf16"))
+    assert list(a) == list(b) == list(c) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(b[s] - a[s]) <= 1e-5 * a[s]  # recomputation changes nothing
+        assert np.isfinite(c[s]) and abs(c[s] - a[s]) <= 3e-2 * a[s]  # bf16 rounding only
+
+
+def test_deepspeed_sigterm_saves_and_exits_zero(tmp_path, ckpt):
+    import signal
+    import time
+
+    import yaml
+
+    config = _config(tmp_path, ckpt, "sig", max_steps=400)
+    config["monitor"]["all_freq"]["eval_log_freq"] = 1000
+    path = tmp_path / "sig.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "qvl_torch.train", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "outputs" / "sig" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped at step" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "outputs" / "sig" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 3 <= steps[-1] < 400

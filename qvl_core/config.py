@@ -12,6 +12,7 @@ label map or a stored head) live in the trainers, which run them first.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -62,21 +63,21 @@ class TrainingConfig:
     learning_rate: float = 1e-5  # peak learning rate
     vision_learning_rate: Optional[float] = None  # peak learning rate of the vision tower; null: learning_rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to biases and norms)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = 0.9  # AdamW first-moment decay
+    adam_beta2: float = 0.999  # AdamW second-moment decay
+    adam_epsilon: float = 1e-8  # AdamW epsilon (added to the root of the second moment)
     warmup_steps: int = 100  # linear warm-up from 0, then cosine decay
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warm-up
     min_lr_ratio: float = 0.0  # the schedule ends at learning_rate * min_lr_ratio
     max_grad_norm: Optional[float] = 1.0  # global-norm clipping; null: off
     batch_size: int = 8  # per-device micro batch (DeepSpeed's train_micro_batch_size_per_gpu)
     global_batch_size: Optional[int] = None  # optional check: must equal batch_size * devices * accumulation
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 1  # micro-batches summed into one update
     eval_batch_size: Optional[int] = None  # per device; null: batch_size
     gradient_checkpointing: bool = False  # rematerialise each block in the backward pass (memory for speed)
     memory_efficient_attention: bool = True  # cuDNN flash attention where supported; false: plain XLA attention
     dataloader_num_workers: int = 2  # grain worker processes per host (0: decode in the main process)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     skip_nonfinite: bool = False  # skip updates with a non-finite loss/gradient (counted) instead of stopping
     seed: int = 0  # data order, augmentation and fresh weights
 
@@ -116,8 +117,8 @@ class FreqConfig:
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with an API key, else offline
-    project: str = "qvl"
-    entity: Optional[str] = None
+    project: str = "qvl"  # WandB project
+    entity: Optional[str] = None  # WandB entity (team); null: your default
     name: Optional[str] = None  # run name in WandB; null: output.run_name
 
 
@@ -125,16 +126,16 @@ class WandbConfig:
 class MonitorConfig:
     all_freq: FreqConfig = FreqConfig()
     wandb: WandbConfig = WandbConfig()
-    progress_bar: bool = True
+    progress_bar: bool = True  # tqdm bar with loss, accuracy and samples/s (process 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     dir: str = "outputs"  # runs go to <dir>/<run_name>/
-    run_name: str = "complete_training"
+    run_name: str = "complete_training"  # the run's folder name (and WandB name by default)
     save_freq: int = 500  # steps between checkpoints (also at the end and on SIGTERM/SIGINT)
     keep_checkpoints: int = 3  # newest checkpoints kept, besides the best one
-    async_checkpointing: bool = True
+    async_checkpointing: bool = True  # orbax writes in the background while training goes on
     export_hf: bool = True  # write the final and the best classifier in HF format (<run>/hf_final, <run>/hf_best)
 
 
@@ -148,8 +149,8 @@ class DistributedConfig:
     """Multi-host set-up; by default JAX's own detection (SLURM, ...) or a single process."""
 
     coordinator_address: Optional[str] = None  # host:port of process 0
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    num_processes: Optional[int] = None  # number of processes (hosts) in the run
+    process_id: Optional[int] = None  # this process's index, 0 .. num_processes-1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,3 +210,56 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def reference_markdown() -> str:
+    """Every config key with its default and meaning, as a Markdown table (from the dataclasses themselves)."""
+    from qvl_core.data.config import AugmentConfig, DatasetConfig
+
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls, prefix: str) -> None:
+        comments = _field_comments(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if f.default is not dataclasses.MISSING and dataclasses.is_dataclass(f.default):
+                walk(type(f.default), key + ".")
+                continue
+            if f.name == "datasets":
+                walk(DatasetConfig, key + "[].")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = json.dumps(to_dict(f.default))
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = json.dumps(to_dict(f.default_factory()))  # type: ignore[misc]
+            else:
+                default = "required"
+            meaning = comments.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{key}` | `{default}` | {meaning} |")
+
+    for section in dataclasses.fields(RunConfig):
+        cls = {"data": DataConfig, "model": ModelConfig}.get(section.name) or type(section.default)
+        walk(cls, section.name + ".")
+    del AugmentConfig
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--reference"]:
+        print(reference_markdown())
+    else:
+        print("usage: python -m qvl_core.config --reference   (prints every config key as a Markdown table)")

@@ -69,7 +69,10 @@ class TorchQwenVLClassifier(nn.Module):
         return TorchClassifierOutput(self._head(pooled), pooled, hidden)
 
     def _head(self, pooled):
-        return None if self.classifier is None else self.classifier(pooled.float())
+        if self.classifier is None:
+            return None
+        # float32 even when DeepSpeed's bf16 mode has cast the head's parameters (as qvl_jax's head does)
+        return nn.functional.linear(pooled.float(), self.classifier.weight.float(), self.classifier.bias.float())
 
 
 def pool(hidden, is_img, attention_mask, pooling: str):

@@ -5,19 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from qvl_core.config import RunConfig, load_config
+from qvl_core.config import load_config
 from qvl_core.data import DataError
-from qvl_core.schema import from_dict
-from tests.train_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A run of `make demo`'s config (configs/demo.yaml), shortened to one epoch, in a temporary folder."""
     from qvl_jax.train import run
 
     tmp = tmp_path_factory.mktemp("trained")
-    config = tiny_config(tmp, training={"max_steps": 6, "learning_rate": 3e-3})
-    result = run(from_dict(RunConfig, config))
+    overrides = [f"output.dir={tmp / 'outputs'}", "output.run_name=run", "training.num_epochs=1",
+                 f"data.datasets=[{{name: digits, format: digits, path: {tmp / 'digits'}}}]",
+                 "monitor.all_freq.eval_log_freq=20", "monitor.wandb.mode=disabled", "monitor.progress_bar=false"]
+    config = load_config("configs/demo.yaml", overrides)
+    result = run(config)
     return tmp, config, result
 
 
@@ -28,16 +30,16 @@ def test_evaluate_reproduces_the_training_run_eval(trained):
     run_dir = tmp / "outputs" / "run"
     again = run_evaluation(run_dir)  # the run's best (else latest) checkpoint, its config.yaml
     assert again["step"] == result["best"]["step"]
-    if again["step"] == 6:
-        assert again["eval/food_accuracy"] == result["eval/food_accuracy"]
+    if again["step"] == result["step"]:
+        assert again["eval/digits_accuracy"] == result["eval/digits_accuracy"]
         assert again["eval/overall_loss"] == pytest.approx(result["eval/overall_loss"], rel=1e-6)
-    assert again["eval/overall_top5_accuracy"] == 1.0  # 3 classes: the top 5 hold them all
+    assert again["eval/overall_top5_accuracy"] >= again["eval/overall_accuracy"] > 0.5
     for f in again["files"]:
         assert Path(f).is_file(), f
     per_class = (run_dir / "eval" / f"per_class_step{again['step']}.csv").read_text().splitlines()
-    assert per_class[0] == "class,images,correct,accuracy" and len(per_class) == 4
+    assert per_class[0] == "class,images,correct,accuracy" and len(per_class) == 11
     exported = run_evaluation(run_dir / "hf_final", split="test")
-    final = run_evaluation(run_dir / "checkpoints" / "6")
+    final = run_evaluation(run_dir / "checkpoints" / str(result["step"]))
     assert exported["eval/overall_accuracy"] == final["eval/overall_accuracy"]
 
 
@@ -47,11 +49,12 @@ def test_evaluate_refuses_data_with_another_label_map(trained, tmp_path):
 
     tmp, _, _ = trained
     other = tmp_path / "other"
-    fixtures.write_food101(other, ["apple_pie", "churros", "bibimbap"], train_per_class=2, test_per_class=1)
+    fixtures.write_food101(other, ["0", "2", "1", "3", "4", "5", "6", "7", "8", "9"], train_per_class=1,
+                           test_per_class=1)
     run_dir = tmp / "outputs" / "run"
-    cfg = load_config(run_dir / "config.yaml", [f"data.datasets=[{{name: food, format: food101, path: {other}}}]"])
-    with pytest.raises(DataError, match="label map does not match this run's data .head index 1 is 'bibimbap' there"):
-        run_evaluation(run_dir / "checkpoints" / "6", cfg)
+    cfg = load_config(run_dir / "config.yaml", [f"data.datasets=[{{name: digits, format: food101, path: {other}}}]"])
+    with pytest.raises(DataError, match="label map does not match this run's data .head index 1 is '1' there, '2'"):
+        run_evaluation(run_dir, cfg)
 
 
 def test_predict_uses_the_stored_labels_and_image_size(trained, capsys):
@@ -61,15 +64,17 @@ def test_predict_uses_the_stored_labels_and_image_size(trained, capsys):
     run_dir = tmp / "outputs" / "run"
     stored = json.loads((run_dir / "hf_final" / "config.json").read_text())["qvl_classifier"]
     assert stored["image_size"] == [56, 56]
-    images = tmp / "food" / "images"
+    images = tmp / "digits" / "images"
     (tmp / "broken.jpg").write_bytes(b"not a jpeg")
-    for checkpoint in (run_dir / "hf_final", run_dir / "checkpoints" / "6"):
+    for checkpoint in (run_dir / "hf_final", run_dir):
         out = tmp / "preds.jsonl"
-        assert main(["--checkpoint", str(checkpoint), str(images / "churros"), str(tmp / "broken.jpg"),
+        assert main(["--checkpoint", str(checkpoint), str(images / "7"), str(tmp / "broken.jpg"),
                      str(tmp / "missing.jpg"), "--top_k", "2", "--output", str(out)]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         good = [r for r in rows if "labels" in r]
-        assert len(good) == 10 and all(set(r["labels"]) <= {"apple_pie", "bibimbap", "churros"} for r in good)
+        assert len(good) == len(list(images.glob("7/*.jpg"))) > 150
+        assert all(set(r["labels"]) <= set("0123456789") for r in good)
+        assert sum(r["labels"][0] == "7" for r in good) > 0.8 * len(good)  # one epoch already knows its 7s
         assert all(len(r["probs"]) == 2 and r["probs"][0] >= r["probs"][1] for r in good)
         errors = {r["path"].rsplit("/", 1)[-1]: r["error"] for r in rows if "error" in r}
         assert "cannot decode image" in errors["broken.jpg"] and "file not found" in errors["missing.jpg"]

@@ -42,3 +42,13 @@ def test_config_mistakes_name_the_key(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(SchemaError, match=r"--set 'training.batch_size': expected key.path=value"):
         load_config("configs/demo.yaml", ["training.batch_size"])
+
+
+def test_readme_config_reference_is_the_generated_one():
+    from qvl_core.config import reference_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("\n<!-- config-reference:end -->")
+    assert readme[start:end] == reference_markdown(), "regenerate: python -m qvl_core.config --reference"
+    assert reference_markdown().count("\n") > 60 and "|  |" not in reference_markdown()  # every key explained
