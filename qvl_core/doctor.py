@@ -69,6 +69,7 @@ def jax_check() -> list[Check]:
     checks.append(Check("jax", "ok", f"jax {jax.__version__}, {len(devices)} {devices[0].platform} device(s): "
                                      f"{', '.join(kinds)}; {jax.process_count()} process(es)"))
     if devices[0].platform == "gpu":
+        checks.append(cuda_versions())
         try:
             import jax.numpy as jnp
 
@@ -83,6 +84,23 @@ def jax_check() -> list[Check]:
         checks.append(Check("accelerator", "warn", "no GPU visible to JAX: training runs on the CPU",
                             "on a GPU machine: pip install -e '.[cuda]'"))
     return checks
+
+
+def cuda_versions() -> Check:
+    """CUDA runtime, driver and cuDNN versions as JAX's CUDA plugin sees them."""
+    try:
+        from jax._src.lib import cuda_versions as cv
+
+        if cv is None:
+            return Check("CUDA (JAX)", "warn", "JAX has no CUDA plugin", "pip install -e '.[cuda]'")
+        parts = []
+        for label, fn in (("runtime", "cuda_runtime_get_version"), ("driver", "cuda_driver_get_version"),
+                          ("cuDNN", "cudnn_get_version")):
+            if hasattr(cv, fn):
+                parts.append(f"{label} {getattr(cv, fn)()}")
+        return Check("CUDA (JAX)", "ok", ", ".join(parts) or "versions not exposed by this jaxlib")
+    except Exception as e:
+        return Check("CUDA (JAX)", "warn", f"versions unavailable ({type(e).__name__}: {e})")
 
 
 def cuda_driver() -> Check:

@@ -11,7 +11,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_configs_are_shipped():
-    assert {p.name for p in CONFIGS} >= {"demo.yaml", "complete_training_config.yaml", "food101_3b.yaml",
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "complete_training_config.yaml", "food101_3b.yaml", "bench_small.yaml",
                                          "two_datasets.yaml"}
 
 
