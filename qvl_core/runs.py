@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import time
 import sys
 from pathlib import Path
 from typing import Callable
@@ -173,3 +174,69 @@ class EvalTally:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+class Progress:
+    """The training loop's bookkeeping, shared by both trainers: metric windows, step timing, MFU, the progress bar.
+
+    `update(step, values)` once per optimizer step, in order; `values` is None for a skipped (non-finite) update.
+    Logs `training/*` every `training_log_freq` steps (means over the window) and `perf/*` every `perf_log_freq`
+    steps (the first step after a start, which includes compilation, is not timed).
+    """
+
+    def __init__(self, logger, freq, *, total_steps: int, start_step: int, global_batch: int, epoch_length: int,
+                 lr_at, step_flops: float, devices: int, peak: float | None, memory_gb, show_bar: bool):
+        from qvl_core import flops as flops_lib
+
+        self.logger, self.freq, self.start_step = logger, freq, start_step
+        self.global_batch, self.epoch_length, self.lr_at = global_batch, epoch_length, lr_at
+        self.mfu = lambda step_time: flops_lib.mfu(step_flops, step_time, devices, peak)
+        self.memory_gb = memory_gb
+        self.skipped = 0
+        self.window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+        self.timing = {"time": 0.0, "steps": 0}
+        self.shown: dict[str, str] = {}
+        self.bar = None
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.tick = time.perf_counter()
+
+    def update(self, step: int, values: dict | None) -> None:
+        now = time.perf_counter()
+        if values is None:
+            self.skipped += 1
+        else:
+            for k in ("loss", "accuracy", "grad_norm"):
+                self.window[k] += values[k]
+            self.window["steps"] += 1
+        if step > self.start_step + 1:
+            self.timing["time"] += now - self.tick
+            self.timing["steps"] += 1
+        self.tick = now
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.freq.training_log_freq == 0:
+            k = self.window["steps"]
+            record = {"training/lr": float(self.lr_at(step - 1)),  # the rate this step's update used
+                      "training/epoch": step * self.global_batch / self.epoch_length,
+                      "training/skipped_updates": self.skipped}
+            if k:
+                record.update({f"training/{name}": self.window[name] / k for name in ("loss", "accuracy", "grad_norm")})
+                self.shown["loss"] = f"{record['training/loss']:.4f}"
+                self.shown["acc"] = f"{record['training/accuracy']:.3f}"
+            self.logger.log(step, record)
+            self.window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
+        if step % self.freq.perf_log_freq == 0 and self.timing["steps"]:
+            step_time = self.timing["time"] / self.timing["steps"]
+            self.logger.log(step, {"perf/step_time": step_time, "perf/samples_per_second": self.global_batch / step_time,
+                                   "perf/mfu": self.mfu(step_time), "perf/gpu_memory_gb": self.memory_gb()})
+            self.shown["samples/s"] = f"{self.global_batch / step_time:.0f}"
+            self.timing = {"time": 0.0, "steps": 0}
+        if self.bar is not None and step % min(self.freq.training_log_freq, self.freq.perf_log_freq) == 0:
+            self.bar.set_postfix(self.shown, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

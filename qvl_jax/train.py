@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from qvl_core.config import RunConfig, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource
 from qvl_core.hf_checkpoint import CheckpointError, local_checkpoint, resolve_config
 from qvl_core.metrics import MetricsLogger
-from qvl_core.runs import EvalTally, StopRequest, start_run
+from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
 from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -443,61 +442,23 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     logger = MetricsLogger(run_dir, config=config.to_dict(), wandb_cfg=config.monitor.wandb, enabled=me == 0,
                            run_name=config.output.run_name)
     freq = config.monitor.all_freq
-    bar = None
-    if me == 0 and config.monitor.progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
-    perf = {"time": 0.0, "steps": 0}
-    shown: dict[str, str] = {}
-    skipped = 0
+    progress = Progress(logger, freq, total_steps=total_steps, start_step=start_step, global_batch=global_batch,
+                        epoch_length=epoch_length, lr_at=schedule, step_flops=step_flops, devices=devices, peak=peak,
+                        memory_gb=device_memory_gb, show_bar=me == 0 and config.monitor.progress_bar)
     last_eval: dict[str, float] = {}
     pending = None  # (step, measurements) of the step in flight: fetched one step later to keep dispatch async
     final_metrics: dict[str, Any] = {}
     step = start_step
-    tick = time.perf_counter()
 
     def consume(done_step: int, measurements) -> None:
-        nonlocal skipped, tick
         m = {k: float(v) for k, v in jax.device_get(measurements).items()}
-        now = time.perf_counter()
         if not m["finite"]:
             if not t.skip_nonfinite:
                 raise TrainingError(f"step {done_step}: non-finite loss ({m['loss']}) or gradient norm "
                                     f"({m['grad_norm']}); set training.skip_nonfinite: true to skip such updates")
-            skipped += 1
-            log.warning("step %d: non-finite loss/gradients, update skipped (%d so far)", done_step, skipped)
-        else:
-            for k in ("loss", "accuracy", "grad_norm"):
-                window[k] += m[k]
-            window["steps"] += 1
-        if done_step > start_step + 1:  # the first step includes compilation
-            perf["time"] += now - tick
-            perf["steps"] += 1
-        tick = now
-        if done_step % freq.training_log_freq == 0:
-            k = window["steps"]
-            record = {"training/lr": float(schedule(done_step - 1)),
-                      "training/epoch": done_step * global_batch / epoch_length, "training/skipped_updates": skipped}
-            if k:
-                record.update({"training/loss": window["loss"] / k, "training/accuracy": window["accuracy"] / k,
-                               "training/grad_norm": window["grad_norm"] / k})
-                shown["loss"], shown["acc"] = f"{window['loss'] / k:.4f}", f"{window['accuracy'] / k:.3f}"
-            logger.log(done_step, record)
-            if bar is not None:
-                bar.set_postfix(shown, refresh=False)
-            for key in window:
-                window[key] = 0.0 if key != "steps" else 0
-        if done_step % freq.perf_log_freq == 0 and perf["steps"]:
-            step_time = perf["time"] / perf["steps"]
-            logger.log(done_step, {"perf/step_time": step_time, "perf/samples_per_second": global_batch / step_time,
-                                   "perf/mfu": flops_lib.mfu(step_flops, step_time, devices, peak),
-                                   "perf/gpu_memory_gb": device_memory_gb()})
-            shown["samples/s"] = f"{global_batch / step_time:.0f}"
-            if bar is not None:
-                bar.set_postfix(shown, refresh=False)
-            perf["time"], perf["steps"] = 0.0, 0
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d so far)", done_step,
+                        progress.skipped + 1)
+        progress.update(done_step, m if m["finite"] else None)
 
     def run_eval(at_step: int) -> dict[str, float]:
         nonlocal best
@@ -524,8 +485,6 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                 if pending is not None:
                     consume(*pending)
                 pending = (step, measurements)
-                if bar is not None:
-                    bar.update(1)
                 evaluated = None
                 if eval_sources and (step % freq.eval_log_freq == 0 or step == total_steps):
                     consume(*pending)
@@ -556,13 +515,12 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                 export_hf(graphdef, best_state, run_dir / "hf_best", config, label_map)
                 log.info("wrote the best classifier (step %d) in HF format to %s", best["step"], run_dir / "hf_best")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         logger.close()
         ckpt.close()
 
     final_metrics.update(last_eval)
-    final_metrics.update({"step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": skipped,
+    final_metrics.update({"step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": progress.skipped,
                           "bad_images": bad.counts()})
     return final_metrics
 

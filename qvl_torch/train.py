@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import datetime
 import json
 import logging
@@ -20,7 +21,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSour
 from qvl_core.hf_checkpoint import CheckpointError, init_head, local_checkpoint
 from qvl_core.metrics import MetricsLogger
 from qvl_core.model_config import ConfigError, QwenVLConfig
-from qvl_core.runs import EvalTally, StopRequest, start_run
+from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
 from qvl_core.schema import SchemaError
 from qvl_torch.data import make_loader
 from qvl_torch.ds_config import resolve_ds_config
@@ -92,7 +92,7 @@ def choose_attention(requested: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "flash-attn needs a CUDA device"
         try:
-            import flash_attn  # noqa: F401  (a GLIBC mismatch surfaces here as ImportError/OSError)
+            importlib.import_module("flash_attn")  # a GLIBC mismatch surfaces here as ImportError/OSError
         except (ImportError, OSError) as e:
             return f"flash_attn does not import ({type(e).__name__}: {e})"
         return None
@@ -388,15 +388,12 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
     logger = MetricsLogger(run_dir, config=config.to_dict(), wandb_cfg=config.monitor.wandb, enabled=rank == 0,
                            run_name=config.output.run_name)
     freq = config.monitor.all_freq
-    bar = None
-    if rank == 0 and config.monitor.progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
-    perf = {"time": 0.0, "steps": 0}
-    skipped, step, last_eval = 0, start_step, {}
-    tick = time.perf_counter()
+    schedule = lr_multiplier(t, total_steps)
+    progress = Progress(logger, freq, total_steps=total_steps, start_step=start_step, global_batch=global_batch,
+                        epoch_length=epoch_length, lr_at=lambda s: t.learning_rate * schedule(s),
+                        step_flops=step_flops, devices=world, peak=peak, memory_gb=lambda: device_memory_gb(device),
+                        show_bar=rank == 0 and config.monitor.progress_bar)
+    step, last_eval = start_step, {}
     micro = t.batch_size
     try:
         with StopRequest(any_process) as stop:
@@ -429,40 +426,12 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
                 accuracy = step_loss[1].item() / counts[0].clamp_min(1.0).item()
                 grad_norm = engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                if not math.isfinite(loss_value):
-                    if not t.skip_nonfinite:
-                        raise TrainingError(f"step {step}: non-finite loss ({loss_value})")
-                    skipped += 1
-                else:
-                    window["loss"] += loss_value
-                    window["accuracy"] += accuracy
-                    window["grad_norm"] += grad_norm
-                    window["steps"] += 1
-                now = time.perf_counter()
-                if step > start_step + 1:
-                    perf["time"] += now - tick
-                    perf["steps"] += 1
-                tick = now
-                if bar is not None:
-                    bar.update(1)
-                if step % freq.training_log_freq == 0:
-                    k = window["steps"]
-                    record = {"training/lr": t.learning_rate * lr_multiplier(t, total_steps)(step - 1),  # this update's
-                              "training/epoch": step * global_batch / epoch_length, "training/skipped_updates": skipped}
-                    if k:
-                        record.update({"training/loss": window["loss"] / k, "training/accuracy": window["accuracy"] / k,
-                                       "training/grad_norm": window["grad_norm"] / k})
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{window['loss'] / k:.4f}", acc=f"{window['accuracy'] / k:.3f}",
-                                            refresh=False)
-                    logger.log(step, record)
-                    window = {"loss": 0.0, "accuracy": 0.0, "grad_norm": 0.0, "steps": 0}
-                if step % freq.perf_log_freq == 0 and perf["steps"]:
-                    step_time = perf["time"] / perf["steps"]
-                    logger.log(step, {"perf/step_time": step_time, "perf/samples_per_second": global_batch / step_time,
-                                      "perf/mfu": flops_lib.mfu(step_flops, step_time, world, peak),
-                                      "perf/gpu_memory_gb": device_memory_gb(device)})
-                    perf = {"time": 0.0, "steps": 0}
+                finite = math.isfinite(loss_value)
+                if not finite and not t.skip_nonfinite:
+                    raise TrainingError(f"step {step}: non-finite loss ({loss_value}); set training.skip_nonfinite: "
+                                        "true to skip such updates")
+                progress.update(step, {"loss": loss_value, "accuracy": accuracy, "grad_norm": grad_norm}
+                                if finite else None)
                 evaluated = False
                 if eval_sources and (step % freq.eval_log_freq == 0 or step == total_steps):
                     last_eval = evaluate(step)
@@ -483,10 +452,9 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
             export_hf(engine.module, run_dir / "hf_final", config, label_map)
             log.info("wrote the classifier in HF format to %s", run_dir / "hf_final")
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         logger.close()
-    return {**last_eval, "step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": skipped,
+    return {**last_eval, "step": step, "run_dir": str(run_dir), "best": best, "skipped_updates": progress.skipped,
             "bad_images": bad.counts()}
 
 
