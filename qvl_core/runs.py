@@ -18,9 +18,14 @@ log = logging.getLogger(__name__)
 def start_run(config, process_index: int, framework: str):
     """Logging, the resolved config and the checked data with its label map, as every trainer starts.
 
-    Returns `qvl_core.data.Data`; raises DataError when nothing can be trained on, and SchemaError when
-    `model.num_labels` contradicts the data.
+    Returns (`qvl_core.data.Data`, the config with `model.pretrained_name` as a local directory: a hub repo
+    id is fetched once where the hub is reachable). Raises DataError when nothing can be trained on,
+    SchemaError when `model.num_labels` contradicts the data, CheckpointError for an unusable checkpoint name.
     """
+    import dataclasses
+
+    from qvl_core.hf_checkpoint import local_checkpoint
+
     from qvl_core.config import dump_config
     from qvl_core.data import DataError, load_data
     from qvl_core.schema import SchemaError
@@ -40,7 +45,10 @@ def start_run(config, process_index: int, framework: str):
     if wanted is not None and wanted != have:
         raise SchemaError(f"model.num_labels is {wanted} but the data has {have} labels "
                           f"(label_space {data.label_map.space}); remove model.num_labels or fix the data sets")
-    return data
+    if config.model.pretrained_name is not None:
+        local = str(local_checkpoint(config.model.pretrained_name))
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained_name=local))
+    return data, config
 
 
 def setup_logging(run_dir: Path, process_index: int) -> None:

@@ -28,7 +28,7 @@ from flax import nnx
 from qvl_core import flops as flops_lib
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource
-from qvl_core.hf_checkpoint import CheckpointError, local_checkpoint, resolve_config
+from qvl_core.hf_checkpoint import CheckpointError, resolve_config
 from qvl_core.metrics import MetricsLogger
 from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
 from qvl_core.model_config import ConfigError, QwenVLConfig
@@ -336,11 +336,8 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data = start_run(config, me, "jax")
+    data, config = start_run(config, me, "jax")
     label_map = data.label_map
-    if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, pretrained_name=str(local_checkpoint(config.model.pretrained_name))))
 
     # --- mesh and batch geometry
     mesh = sharding_lib.make_mesh()

@@ -11,7 +11,6 @@ schedule (linear warm-up from 0, then cosine) are built to match optax's step fo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import datetime
 import json
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from qvl_core import flops as flops_lib
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource, expand_patches
-from qvl_core.hf_checkpoint import CheckpointError, init_head, local_checkpoint
+from qvl_core.hf_checkpoint import CheckpointError, init_head
 from qvl_core.metrics import MetricsLogger
 from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
@@ -291,11 +290,8 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data = start_run(config, rank, "torch")
+    data, config = start_run(config, rank, "torch")
     label_map = data.label_map
-    if config.model.pretrained_name is not None:  # a local directory, or a hub repo id fetched once
-        config = dataclasses.replace(config, model=dataclasses.replace(
-            config.model, pretrained_name=str(local_checkpoint(config.model.pretrained_name))))
 
     # --- batch geometry and the DeepSpeed config
     ds_config = resolve_ds_config(deepspeed_config, config, world)
