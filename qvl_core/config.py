@@ -50,6 +50,12 @@ class ModelConfig:
             raise SchemaError(f"{where}.freeze_decoder: mode 'vision' has no decoder")
 
     @property
+    def trainable_parts(self) -> dict[str, bool]:
+        """Part name (as `qvl_core.flops.forward_parts` names them) -> whether it trains."""
+        return {"patch_embed": not self.freeze_vision, "vision_blocks": not self.freeze_vision,
+                "merger": not self.freeze_merger, "decoder": not self.freeze_decoder, "head": True}
+
+    @property
     def resolved_pooling(self) -> str:
         return self.pooling or ("mean_image" if self.mode == "vision" else "last")
 

@@ -150,10 +150,10 @@ def wandb_check() -> Check:
     version = _version("wandb")
     if version is None:
         return Check("wandb", "warn", "wandb not installed: metrics go to logs/metrics.jsonl only", "pip install wandb")
+    from qvl_core.metrics import wandb_key_found
+
     mode = os.environ.get("WANDB_MODE")
-    netrc = Path.home() / ".netrc"
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-    state = mode or ("online (API key found)" if logged_in else "offline (no API key; runs sync later with `wandb sync`)")
+    state = mode or ("online (API key found)" if wandb_key_found() else "offline (no API key; runs sync later with `wandb sync`)")
     return Check("wandb", "ok", f"wandb {version}: {state}")
 
 

@@ -19,14 +19,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def wandb_key_found() -> bool:
+    """A WandB API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
 def _wandb_mode(mode: str) -> str:
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and "api.wandb.ai" in (
-        Path.home() / ".netrc").read_text(errors="ignore")
-    return "online" if has_key else "offline"
+    return "online" if wandb_key_found() else "offline"
 
 
 class MetricsLogger:

@@ -78,6 +78,23 @@ def setup_logging(run_dir: Path, process_index: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def process_rss_gb() -> float:
+    """This process's resident memory in GB (what perf/gpu_memory_gb reports on a CPU)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        return float("nan")
+
+
+def export_metadata(config, label_map) -> dict:
+    """What an HF export records beside the weights (config.json's qvl_classifier block), from either trainer."""
+    return {"image_size": list(config.data.image_hw), "eval_crop_fraction": config.data.eval_crop_fraction,
+            "label_space": label_map.space}
+
+
 class StopRequest:
     """SIGTERM/SIGINT: finish the current step, save, exit 0 (a second Ctrl-C aborts).
 

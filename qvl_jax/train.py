@@ -28,9 +28,9 @@ from flax import nnx
 from qvl_core import flops as flops_lib
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource
-from qvl_core.hf_checkpoint import CheckpointError, resolve_config
+from qvl_core.hf_checkpoint import CheckpointError, local_checkpoint, resolve_config
 from qvl_core.metrics import MetricsLogger
-from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
+from qvl_core.runs import EvalTally, Progress, StopRequest, export_metadata, process_rss_gb, start_run
 from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -73,10 +73,7 @@ def model_config(config: RunConfig, label_map: LabelMap) -> tuple[QwenVLConfig, 
     m = config.model
     num_labels = label_map.num_labels
     if m.pretrained_name is not None:
-        path = Path(m.pretrained_name)
-        if not path.is_dir():
-            raise CheckpointError(f"model.pretrained_name: {path} is not a local directory (no model hub here: "
-                                  "download the checkpoint and point to its directory)")
+        path = local_checkpoint(m.pretrained_name)  # a directory as is; a hub id (e.g. from config.yaml) fetched
         cfg, files = resolve_config(path, num_labels=num_labels, mode=m.mode, pooling=m.resolved_pooling)
         stored = cfg.head.id2label
         if stored is not None and tuple(stored) != label_map.names:
@@ -283,13 +280,7 @@ def to_host(x) -> np.ndarray:
 def device_memory_gb() -> float:
     """Device memory in use on this process's first device; on CPU, the process's resident set (RSS)."""
     stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_in_use" in stats:
-        return stats["bytes_in_use"] / 1e9
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except OSError:
-        return float("nan")
+    return stats["bytes_in_use"] / 1e9 if "bytes_in_use" in stats else process_rss_gb()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -389,9 +380,8 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
         (run_dir / "logs" / "sharding.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     # --- FLOPs and MFU
-    trains = {"patch_embed": not config.model.freeze_vision, "vision_blocks": not config.model.freeze_vision,
-              "merger": not config.model.freeze_merger, "decoder": not config.model.freeze_decoder, "head": True}
-    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable=trains) * global_batch
+    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw,
+                                                  trainable=config.model.trainable_parts) * global_batch
     peak = flops_lib.peak_tflops(jax.devices()[0].device_kind, config.perf.peak_tflops)
     if peak is None:
         log.info("perf/mfu is null: no known peak for device %r (set perf.peak_tflops)", jax.devices()[0].device_kind)
@@ -527,9 +517,7 @@ def export_hf(graphdef, state, path: Path, config: RunConfig, label_map: LabelMa
     params = jax.tree.map(to_host, state["params"])
     frozen = jax.tree.map(to_host, state["frozen"])
     if jax.process_index() == 0:
-        extra = {"image_size": list(config.data.image_hw), "eval_crop_fraction": config.data.eval_crop_fraction,
-                 "label_space": label_map.space}
-        save_hf(nnx.merge(graphdef, params, frozen), path, extra=extra)
+        save_hf(nnx.merge(graphdef, params, frozen), path, extra=export_metadata(config, label_map))
         label_map.save(Path(path) / "label_map.json")
 
 

@@ -33,7 +33,7 @@ from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSour
 from qvl_core.hf_checkpoint import CheckpointError, init_head
 from qvl_core.metrics import MetricsLogger
 from qvl_core.model_config import ConfigError, QwenVLConfig
-from qvl_core.runs import EvalTally, Progress, StopRequest, start_run
+from qvl_core.runs import EvalTally, Progress, StopRequest, export_metadata, process_rss_gb, start_run
 from qvl_core.schema import SchemaError
 from qvl_torch.data import make_loader
 from qvl_torch.ds_config import resolve_ds_config
@@ -117,9 +117,7 @@ def choose_attention(requested: str, device: torch.device) -> str:
 def build_model(config: RunConfig, label_map: LabelMap, attention: str) -> TorchQwenVLClassifier:
     m = config.model
     pooling = m.resolved_pooling
-    if m.pretrained_name is not None:
-        if not Path(m.pretrained_name).is_dir():
-            raise CheckpointError(f"model.pretrained_name: {m.pretrained_name} is not a local directory")
+    if m.pretrained_name is not None:  # a local directory: start_run resolved hub ids
         model = load_pretrained(m.pretrained_name, num_labels=label_map.num_labels, dtype=m.param_dtype, mode=m.mode,
                                 pooling=pooling, attn_implementation=attention, head_seed=m.head_seed)
         stored = model.config.head.id2label
@@ -212,13 +210,7 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig, total_steps: int):
 
 
 def device_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 1e9
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except OSError:
-        return float("nan")
+    return torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else process_rss_gb()
 
 
 def pixels(batch: dict, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -243,8 +235,7 @@ def export_hf(model: TorchQwenVLClassifier, path: Path, config: RunConfig, label
         (path / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2))
     hf = model.config.with_head(id2label=label_map.names).to_hf_dict()
-    hf["qvl_classifier"].update({"image_size": list(config.data.image_hw),
-                                 "eval_crop_fraction": config.data.eval_crop_fraction, "label_space": label_map.space})
+    hf["qvl_classifier"].update(export_metadata(config, label_map))
     hf["torch_dtype"] = hf["text_config"]["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     label_map.save(path / "label_map.json")
@@ -313,9 +304,8 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
                                                            config=ds_config, dist_init_required=False)
     compute_dtype = torch.bfloat16 if config.model.compute_dtype == "bfloat16" else torch.float32
     cfg = model.config
-    trainable = {"patch_embed": not config.model.freeze_vision, "vision_blocks": not config.model.freeze_vision,
-                 "merger": not config.model.freeze_merger, "decoder": not config.model.freeze_decoder, "head": True}
-    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable=trainable) * global_batch
+    step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw,
+                                                  trainable=config.model.trainable_parts) * global_batch
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = flops_lib.peak_tflops(kind, config.perf.peak_tflops)
 
@@ -397,7 +387,7 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
                 batch = next(loader)
                 bad.update({k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in batch.items()})
                 valid = batch["valid"].float()
-                counts = torch.tensor([valid.sum().item(), 0.0, 0.0])
+                counts = valid.sum().reshape(1)
                 step_loss = torch.zeros(2)  # loss sum, correct
                 for a in range(t.gradient_accumulation_steps):
                     part = {k: (v[a * micro:(a + 1) * micro] if not isinstance(v, list) else v) for k, v in batch.items()}
