@@ -91,7 +91,8 @@ def make_report(runs: list[Path], out: Path) -> list[Path]:
         best = max(evals, key=lambda r: (r["eval/overall_accuracy"], -r["step"])) if evals else None
         final = evals[-1] if evals else {}
         per_set = ", ".join(f"{k[5:-9]} {v:.4f}" for k, v in final.items() if k.startswith("eval/")
-                            and k.endswith("_accuracy") and k != "eval/overall_accuracy") or "-"
+                            and k.endswith("_accuracy") and not k.endswith("_top5_accuracy")
+                            and k != "eval/overall_accuracy") or "-"
         sps = [r["perf/samples_per_second"] for r in recs if r.get("perf/samples_per_second") is not None]
         mfu = [r["perf/mfu"] for r in recs if r.get("perf/mfu") is not None]
         lines.append(f"| {_label(run)} | {best['eval/overall_accuracy']:.4f} | {best['step']} | {per_set} | "

@@ -90,7 +90,8 @@ def test_report_plots_and_summarises_runs(trained, tmp_path):
     assert {"training_loss.png", "lr.png", "grad_norm.png", "eval_accuracy.png", "samples_per_second.png",
             "summary.md"} <= names
     summary = (tmp_path / "report" / "summary.md").read_text()
-    assert f"| run (jax) | {result['best']['accuracy']:.4f} | {result['best']['step']} |" in summary
+    assert f"| run (jax) | {result['best']['accuracy']:.4f} | {result['best']['step']} | digits " in summary
+    assert "top5" not in summary  # the per-data-set column holds top-1 accuracies only
 
 
 def test_doctor_reports_this_machine(capsys):
