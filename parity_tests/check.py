@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=["vlm", "vision"], default=None, help="default: the stored mode, else vlm")
     ap.add_argument("--num-labels", type=int, default=7, help="head size when the directory has no head")
     ap.add_argument("--no-train", action="store_true", help="forward quantities only (no grads / AdamW)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per compared batch (default: 2 in float32, 8 in bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", dest="json_out", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -31,13 +33,15 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--image-sizes {args.image_sizes!r}: expected a comma-separated list of HxW, e.g. 140x252,56x56")
     try:
+        if args.batch is not None and args.batch < 1:
+            ap.error(f"--batch {args.batch}: must be at least 1")
         bad = [f"{h}x{w}" for h, w in sizes if h % 28 or w % 28]
         if bad:
             ap.error(f"--image-sizes {','.join(bad)}: height and width must be multiples of 28")
         stored = stored_head_labels(weight_files(args.checkpoint))
         results = compare.run(args.checkpoint, dtype=args.dtype, image_sizes=sizes, mode=args.mode,
                               num_labels=None if stored else args.num_labels, seed=args.seed,
-                              train=not args.no_train)
+                              train=not args.no_train, batch=args.batch)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

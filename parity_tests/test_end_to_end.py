@@ -1,6 +1,5 @@
 """The numerical contract end to end: features, hidden states, logits, loss, grads, AdamW."""
 
-import numpy as np
 import pytest
 
 from parity_tests import compare
@@ -35,19 +34,11 @@ def test_float32_mha_vlm_mean_image_pooling(mha_ckpt):
 
 
 def test_bfloat16_jax_error_within_contract(gqa_ckpt):
+    # Every quantity, every tensor, held to the contract as written (batches of 8, gradients stacked
+    # over three batches: see compare's docstring for why a bfloat16 comparison needs that much data).
     results = compare.run(gqa_ckpt, dtype="bfloat16", image_sizes=[(140, 252), (56, 56)])
-    # Forward quantities and every gradient tensor: the contract as written.
-    assert not _failures({k: r for k, r in results.items() if not k.startswith("adamw3/")})
-    # After 3 AdamW steps each element has moved by about +-lr (Adam's first steps are sign steps),
-    # so a tensor's error counts the elements whose tiny gradient flipped sign: on this model's
-    # 32-48-element bias and norm vectors that count is a handful and the 1.5x ratio is a coin toss.
-    # Tensors of >= 1024 elements are held to the contract one by one; the small ones together:
-    # their median error must be within the contract's limit (open item: see the issue note).
-    sizes = compare.param_sizes(gqa_ckpt)
-    big = {k: r for k, r in results.items() if k.startswith("adamw3/") and sizes[k[len("adamw3/"):]] >= 1024}
-    small = [r for k, r in results.items() if k.startswith("adamw3/") and sizes[k[len("adamw3/"):]] < 1024]
-    assert len(big) > 20 and not _failures(big)
-    assert len(small) > 20 and np.median([r.rel_l2 / r.limit for r in small]) <= 1.0
+    assert not _failures(results)
+    assert sum(k.startswith("grad/") for k in results) == sum(k.startswith("adamw3/") for k in results) > 60
 
 
 def test_bfloat16_vision_mode(mha_ckpt):
@@ -65,6 +56,13 @@ def test_comparison_fails_when_one_jax_weight_is_perturbed(gqa_ckpt):
     failed = _failures(results)
     assert "logits@56x56" in failed and "last_hidden_state@56x56" in failed
     assert "image_features@56x56" not in failed  # the vision tower was not touched
+
+
+def test_sides_can_be_reused(mha_ckpt):
+    """The optimizer comparison trains copies: a second run on the same Sides gives the same numbers."""
+    sides = compare.Sides(mha_ckpt, dtype="float32", mode="vision", num_labels=3)
+    first, second = (compare.run(mha_ckpt, image_sizes=[(56, 56)], sides=sides) for _ in range(2))
+    assert {k: r.rel_l2 for k, r in first.items()} == {k: r.rel_l2 for k, r in second.items()}
 
 
 @pytest.mark.parametrize("bad", ["1000x56", "56"])
