@@ -8,6 +8,7 @@ from flax import nnx
 from qvl_core.model_config import VisionConfig
 from qvl_jax.attention import dot_product_attention
 from qvl_jax.linear import Linear
+from qvl_jax.norm import RMSNorm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, vision_cos_sin
 from qvl_jax.vision_layout import Segments, VisionLayout
@@ -19,7 +20,7 @@ def _linear(cfg_init: float, d_in: int, d_out: int, bias: bool, opts: RuntimeOpt
 
 
 def _rms_norm(dim: int, eps: float, opts: RuntimeOptions, rngs: nnx.Rngs):
-    return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs, **opts.linear_kwargs())
+    return RMSNorm(dim, epsilon=eps, rngs=rngs, **opts.linear_kwargs())
 
 
 def take_rows(x, index):
