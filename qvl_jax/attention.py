@@ -66,6 +66,30 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
         # bfloat16 that doubles the gradient error of everything upstream. The
         # fall-back therefore runs in float32 (cuDNN accumulates in float32 itself).
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return _xla_attention(q, k, v, is_causal, kv_lengths).astype(out_dtype)
     out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
                                        implementation=impl)
     return out.astype(out_dtype)
+
+
+def _xla_attention(q, k, v, is_causal: bool, kv_lengths):
+    """Softmax attention as two einsums over `[B, K, G, T, S]` scores (G query heads per KV head).
+
+    The same function as `jax.nn.dot_product_attention(implementation="xla")`, written out
+    because XLA:CPU runs this layout's forward + backward ~25% faster (4.7 vs 6.2 ms for
+    a bench_small window layer: 32 windows of 64 tokens, 4 heads of 64).
+    """
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (h ** -0.5)
+    mask = None
+    if is_causal:
+        mask = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+    if kv_lengths is not None:
+        valid = (jnp.arange(s)[None, :] < kv_lengths[:, None])[:, None, None, None, :]
+        mask = valid if mask is None else mask & valid
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
