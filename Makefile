@@ -23,7 +23,7 @@ test: venv
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m qvl_jax.train --config configs/demo.yaml
+	$(PY) -m qvl_jax.train --config configs/demo.yaml --set output.overwrite=true
 
 parity: venv
 	$(PY) -m parity_tests.demo

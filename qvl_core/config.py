@@ -143,6 +143,7 @@ class OutputConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept, besides the best one
     async_checkpointing: bool = True  # orbax writes in the background while training goes on
     export_hf: bool = True  # write the final and the best classifier in HF format (<run>/hf_final, <run>/hf_best)
+    overwrite: bool = False  # a run folder that already holds checkpoints: start over (else: an error, or --resume_from)
 
 
 @dataclasses.dataclass(frozen=True)

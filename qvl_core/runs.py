@@ -15,7 +15,35 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def start_run(config, process_index: int, framework: str):
+def claim_run_dir(run_dir: Path, *, resume_from: str | None, overwrite: bool, process_index: int) -> None:
+    """A fresh run must not land on an earlier run's checkpoints (orbax would refuse the first save).
+
+    Resuming is fine; with `output.overwrite` process 0 removes the earlier checkpoints, exports,
+    evaluation files and metrics; otherwise the error says what to do.
+    """
+    import shutil
+
+    from qvl_core.schema import SchemaError
+    ckpts = run_dir / "checkpoints"
+    try:
+        steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
+    except FileNotFoundError:  # process 0 is removing it (overwrite)
+        steps = []
+    if not steps or resume_from is not None:
+        return
+    if not overwrite:
+        shown = ", ".join(map(str, steps[-3:]))
+        raise SchemaError(f"{run_dir} already holds checkpoints (step {shown}): pass --resume_from auto to continue "
+                          f"that run, --set output.overwrite=true to start it over, or choose another "
+                          f"output.run_name")
+    if process_index == 0:
+        log.warning("output.overwrite: removing the earlier run's checkpoints, exports and metrics in %s", run_dir)
+        for name in ("checkpoints", "hf_final", "hf_best", "eval"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        (run_dir / "logs" / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def start_run(config, process_index: int, framework: str, resume_from: str | None = None):
     """Logging, the resolved config and the checked data with its label map, as every trainer starts.
 
     Returns (`qvl_core.data.Data`, the config with `model.pretrained_name` as a local directory: a hub repo
@@ -32,6 +60,7 @@ def start_run(config, process_index: int, framework: str):
 
     run_dir = config.run_dir
     setup_logging(run_dir, process_index)
+    claim_run_dir(run_dir, resume_from=resume_from, overwrite=config.output.overwrite, process_index=process_index)
     if process_index == 0:
         (run_dir / "config.yaml").write_text(dump_config(config))
         (run_dir / "logs" / "run.json").write_text(json.dumps({"framework": framework}) + "\n")

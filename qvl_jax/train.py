@@ -327,7 +327,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data, config = start_run(config, me, "jax")
+    data, config = start_run(config, me, "jax", resume_from=resume_from)
     label_map = data.label_map
 
     # --- mesh and batch geometry

@@ -281,7 +281,7 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
     t = config.training
 
     # --- data (every split checked before anything heavy)
-    data, config = start_run(config, rank, "torch")
+    data, config = start_run(config, rank, "torch", resume_from=resume_from)
     label_map = data.label_map
 
     # --- batch geometry and the DeepSpeed config

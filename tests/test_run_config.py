@@ -52,3 +52,21 @@ def test_readme_config_reference_is_the_generated_one():
     end = readme.index("\n<!-- config-reference:end -->")
     assert readme[start:end] == reference_markdown(), "regenerate: python -m qvl_core.config --reference"
     assert reference_markdown().count("\n") > 60 and "|  |" not in reference_markdown()  # every key explained
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(tmp_path):
+    from qvl_core.runs import claim_run_dir
+    run = tmp_path / "run"
+    (run / "checkpoints" / "200").mkdir(parents=True)
+    (run / "hf_final").mkdir()
+    (run / "logs").mkdir()
+    (run / "logs" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SchemaError, match=r"already holds checkpoints \(step 200\).*--resume_from auto.*overwrite"):
+        claim_run_dir(run, resume_from=None, overwrite=False, process_index=0)
+    claim_run_dir(run, resume_from="auto", overwrite=False, process_index=0)  # resuming is fine
+    claim_run_dir(run, resume_from=None, overwrite=True, process_index=1)  # only process 0 removes
+    assert (run / "checkpoints" / "200").is_dir()
+    claim_run_dir(run, resume_from=None, overwrite=True, process_index=0)
+    assert not (run / "checkpoints").exists() and not (run / "hf_final").exists()
+    assert not (run / "logs" / "metrics.jsonl").exists()
+    claim_run_dir(run, resume_from=None, overwrite=False, process_index=0)  # nothing left to refuse
