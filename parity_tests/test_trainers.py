@@ -172,10 +172,10 @@ def test_deepspeed_bf16_and_gradient_checkpointing_train(tmp_path, ckpt):
 
 
 def test_deepspeed_sigterm_saves_and_exits_zero(tmp_path, ckpt):
-    import signal
-    import time
-
     import yaml
+
+    from qvl_core.runs import checkpoint_steps
+    from tests.train_helpers import stop_with_sigterm
 
     config = _config(tmp_path, ckpt, "sig", max_steps=400)
     config["monitor"]["all_freq"]["eval_log_freq"] = 1000
@@ -185,12 +185,8 @@ def test_deepspeed_sigterm_saves_and_exits_zero(tmp_path, ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "outputs" / "sig" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
+    out = stop_with_sigterm(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out
-    steps = sorted(int(p.name) for p in (tmp_path / "outputs" / "sig" / "checkpoints").iterdir() if p.name.isdigit())
+    steps = checkpoint_steps(tmp_path / "outputs" / "sig" / "checkpoints")
     assert steps and 3 <= steps[-1] < 400

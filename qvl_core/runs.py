@@ -15,6 +15,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The numbered step folders in `directory` (both trainers' layout), oldest first; [] if there is none."""
+    try:
+        return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def claim_run_dir(run_dir: Path, *, resume_from: str | None, overwrite: bool, process_index: int) -> None:
     """A fresh run must not land on an earlier run's checkpoints (orbax would refuse the first save).
 
@@ -24,11 +32,7 @@ def claim_run_dir(run_dir: Path, *, resume_from: str | None, overwrite: bool, pr
     import shutil
 
     from qvl_core.schema import SchemaError
-    ckpts = run_dir / "checkpoints"
-    try:
-        steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.is_dir() else []
-    except FileNotFoundError:  # process 0 is removing it (overwrite)
-        steps = []
+    steps = checkpoint_steps(run_dir / "checkpoints")  # [] also while process 0 removes it (overwrite)
     if not steps or resume_from is not None:
         return
     if not overwrite:

@@ -1,8 +1,8 @@
-"""Attention through `jax.nn.dot_product_attention`, with the kernel chosen once.
+"""Attention with the kernel chosen once: cuDNN through `jax.nn.dot_product_attention`, or plain XLA.
 
 cuDNN's fused attention runs on NVIDIA GPUs for half-precision inputs with a
 head dim that is a multiple of 8 (at most 128 before Hopper, 256 on Hopper and
-later); everything else takes XLA's implementation. The choice and its reason
+later); everything else takes the XLA path (`_xla_attention`, float32). The choice and its reason
 are logged the first time each (dtype, head_dim) combination is seen.
 """
 

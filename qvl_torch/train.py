@@ -33,7 +33,8 @@ from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSour
 from qvl_core.hf_checkpoint import CheckpointError, init_head
 from qvl_core.metrics import MetricsLogger
 from qvl_core.model_config import ConfigError, QwenVLConfig
-from qvl_core.runs import EvalTally, Progress, StopRequest, export_metadata, process_rss_gb, start_run
+from qvl_core.runs import (EvalTally, Progress, StopRequest, checkpoint_steps, export_metadata, process_rss_gb,
+                            start_run)
 from qvl_core.schema import SchemaError
 from qvl_torch.data import make_loader
 from qvl_torch.ds_config import resolve_ds_config
@@ -242,7 +243,7 @@ def export_hf(model: TorchQwenVLClassifier, path: Path, config: RunConfig, label
 
 
 def _prune(checkpoints: Path, keep: int, best_step: int | None) -> None:
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    steps = checkpoint_steps(checkpoints)
     for s in steps[:-keep] if keep else steps:
         if s != best_step:
             shutil.rmtree(checkpoints / str(s), ignore_errors=True)
@@ -261,7 +262,7 @@ def resolve_resume(resume_from: str | None, run_dir: Path) -> Path | None:
             return path
         if (path / "checkpoints").is_dir():
             path = path / "checkpoints"
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+    steps = checkpoint_steps(path)
     if not steps:
         if resume_from == "auto":
             return None

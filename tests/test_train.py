@@ -1,8 +1,6 @@
 """The JAX trainer end to end on tiny models and generated data (CPU, simulated devices)."""
 
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -10,8 +8,9 @@ import pytest
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import DataError
 from qvl_core.metrics import read_metrics
+from qvl_core.runs import checkpoint_steps
 from qvl_core.schema import SchemaError, from_dict
-from tests.train_helpers import losses, tiny_config, train_subprocess, write_config
+from tests.train_helpers import losses, stop_with_sigterm, tiny_config, train_subprocess, write_config
 
 
 def _run(tmp_path, config: dict, **kw):
@@ -93,14 +92,10 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     path = write_config(tmp_path, config)
     proc = train_subprocess(path, wait=False)
     metrics = tmp_path / "outputs" / "sig" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(losses(tmp_path / "outputs" / "sig")) >= 5):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out = stop_with_sigterm(proc, lambda: metrics.exists() and len(losses(tmp_path / "outputs" / "sig")) >= 5, 120)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out
-    steps = sorted(int(p.name) for p in (tmp_path / "outputs" / "sig" / "checkpoints").iterdir() if p.name.isdigit())
+    steps = checkpoint_steps(tmp_path / "outputs" / "sig" / "checkpoints")
     assert steps and 5 <= steps[-1] < 400
     resumed = train_subprocess(path, "--resume_from", "auto", "--set", "training.max_steps=400",
                                "--set", "monitor.all_freq.eval_log_freq=5000", timeout=600)
@@ -217,7 +212,7 @@ def test_checkpoints_keep_the_newest_and_the_best(tmp_path):
                          output={"save_freq": 1, "keep_checkpoints": 1, "async_checkpointing": True})
     result = _run(tmp_path, config)
     ckpts = tmp_path / "outputs" / "run" / "checkpoints"
-    kept = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    kept = checkpoint_steps(ckpts)
     best = json.loads((ckpts / "best.json").read_text())
     assert best["step"] == result["best"]["step"]
     assert kept == sorted({8, best["step"]})

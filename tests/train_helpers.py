@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -65,4 +67,14 @@ def train_subprocess(config_path: Path, *extra: str, devices: int | None = None,
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def stop_with_sigterm(proc: subprocess.Popen, ready, timeout: float) -> str:
+    """Waits until `ready()` (at most `timeout` s), sends SIGTERM, returns the output once `proc` exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
     return out
