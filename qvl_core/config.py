@@ -31,7 +31,7 @@ class ModelConfig:
     num_labels: Optional[int] = None  # null: the data's label count; else must equal it (and any stored head)
     mode: Literal["vlm", "vision"] = "vlm"  # vision tower + decoder | vision tower only
     pooling: Optional[Literal["last", "mean_image"]] = None  # null: last (vlm), mean_image (vision)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimizer state
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights, optimizer state (head: float32)
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # matmuls and activations; logits/loss float32
     freeze_vision: bool = False  # freeze the vision tower's blocks and patch embedding
     freeze_merger: bool = False  # freeze the patch merger (the vision-to-text projector)

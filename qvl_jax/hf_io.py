@@ -53,7 +53,6 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
                    cfg.vision.patch_size)
     filled: set[str] = set()
     unexpected, mis_shaped = [], []
-    param_dtype = DTYPES[opts.param_dtype]
     put = place or (lambda _path, array: jnp.asarray(array))
     for f in files:
         with safe_open(f, framework="np") as st:
@@ -76,7 +75,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
                     filled.add(jax_path)  # present, reported as mis-shaped rather than missing
                     continue
                 array = param_map.to_jax(kind, st.get_tensor(key))
-                slot.set_value(put(jax_path, np.asarray(array).astype(param_dtype)))
+                slot.set_value(put(jax_path, np.asarray(array).astype(slot.dtype)))
                 filled.add(jax_path)
     missing = sorted(set(slots) - filled)
     head_missing = [p for p in missing if p.startswith("classifier.")]
@@ -87,8 +86,8 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
         log.info("%s has no classification head; initialising one with %d labels (seed %d)", path,
                  cfg.head.num_labels, head_seed)
         head = init_head(cfg, head_seed)
-        slots["classifier.kernel"].set_value(put("classifier.kernel", head["classifier.weight"].T.astype(param_dtype)))
-        slots["classifier.bias"].set_value(put("classifier.bias", head["classifier.bias"].astype(param_dtype)))
+        slots["classifier.kernel"].set_value(put("classifier.kernel", head["classifier.weight"].T.astype(np.float32)))
+        slots["classifier.bias"].set_value(put("classifier.bias", head["classifier.bias"].astype(np.float32)))
     return nnx.merge(graphdef, state)
 
 

@@ -66,6 +66,20 @@ def test_stored_head_is_loaded_and_mismatched_num_labels_is_an_error(base):
         qvl_jax.load_hf(base, num_labels=101)
 
 
+def test_the_head_stays_float32_in_a_bfloat16_model(base, tmp_path):
+    # A bfloat16 head weight would add its rounding error to the logits and every gradient (README: Numerics).
+    model = qvl_jax.load_hf(base, dtype="bfloat16")
+    assert model.visual.blocks[0].attn.qkv.kernel.get_value().dtype == jnp.bfloat16
+    with safe_open(base / "model.safetensors", "np") as f:
+        stored = f.get_tensor("classifier.weight").T
+    head = model.classifier.kernel.get_value()
+    assert head.dtype == jnp.float32 and model.classifier.bias.get_value().dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(head), stored)  # not rounded through bfloat16
+    fresh = qvl_jax.load_hf(make_checkpoint(tmp_path / "nohead", seed=2), dtype="bfloat16", num_labels=4)
+    assert fresh.classifier.kernel.get_value().dtype == jnp.float32
+    assert fresh.classifier.bias.get_value().dtype == jnp.float32
+
+
 def test_no_head_and_no_num_labels_gives_a_backbone(tmp_path, batch):
     ckpt = make_checkpoint(tmp_path / "nohead", seed=2)
     model = qvl_jax.load_hf(ckpt)
