@@ -33,6 +33,23 @@ def test_float32_mha_vlm_mean_image_pooling(mha_ckpt):
     assert not _failures(results)
 
 
+
+def test_float32_wider_decoder_with_a_near_zero_gradient(tmp_path):
+    """A decoder of width 64 (head_dim 16, the k_proj bias gradient zero up to roundoff), written in bf16.
+
+    With Adam eps 1e-6 this failed adamw3/k_proj.bias at 3.3e-4 (torch eager vs sdpa: 1.6e-4); see ADAMW_EPS.
+    """
+    from parity_tests.tiny import make_checkpoint
+    ckpt = make_checkpoint(tmp_path / "w64", seed=21, num_labels=9, dtype="bfloat16",
+                           vision={"depth": 4, "hidden_size": 64, "num_heads": 4, "intermediate_size": 96,
+                                   "fullatt_block_indexes": [3], "window_size": 112, "out_hidden_size": 64},
+                           text={"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                 "hidden_size": 64, "intermediate_size": 128,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                     "mrope_section": [2, 3, 3]}})
+    results = compare.run(ckpt, dtype="float32", image_sizes=[(140, 252), (84, 56)])
+    assert not _failures(results)
+
 def test_bfloat16_jax_error_within_contract(gqa_ckpt):
     # Every quantity, every tensor, held to the contract as written (batches of 8, gradients stacked
     # over three batches: see compare's docstring for why a bfloat16 comparison needs that much data).
