@@ -15,13 +15,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from qvl_core.hf_checkpoint import init_head, read_head, resolve_config
+from qvl_core.hf_checkpoint import CheckpointError, init_head, read_head, resolve_config
 from qvl_core.model_config import QwenVLConfig, head_input_size
 from qvl_core.sequence import build_input_ids
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Checkpoint key layouts -> a bare `Qwen2_5_VLModel`'s (`visual.*`, `language_model.*`): the hub's
+# (`visual.*`, `model.*`) and newer transformers' (`model.visual.*`, `model.language_model.*`). Without
+# this, transformers 5.24 loads the newer layout into a bare model by renaming `model.visual.*` to
+# `model.language_model.visual.*`: every vision weight stays randomly initialised, with only a warning.
+KEY_MAPPING = {r"^model\.visual\.": "visual.", r"^model\.language_model\.": "language_model.",
+               r"^model\.(?!visual\.|language_model\.)": "language_model."}
+_NOT_BACKBONE = ("lm_head.", "classifier.")  # the LM head is not used; the classifier is read by read_head
 
 
 @dataclasses.dataclass
@@ -93,8 +101,15 @@ def load_pretrained(path: str | os.PathLike, *, num_labels: int | None = None, d
     from transformers import Qwen2_5_VLModel
 
     cfg, files = resolve_config(path, num_labels=num_labels, mode=mode, pooling=pooling)
-    backbone = Qwen2_5_VLModel.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
-                                               attn_implementation=attn_implementation)
+    backbone, info = Qwen2_5_VLModel.from_pretrained(path, dtype=TORCH_DTYPES[dtype], key_mapping=KEY_MAPPING,
+                                                     attn_implementation=attn_implementation,
+                                                     output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if cfg.head.mode == "vlm" or k.startswith("visual.")]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(_NOT_BACKBONE)]
+    if missing or unexpected or info["mismatched_keys"]:
+        raise CheckpointError(f"{path}: transformers could not load every Qwen2.5-VL weight: "
+                              f"missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}, "
+                              f"wrong shape {sorted(map(str, info['mismatched_keys']))[:10]}")
     if cfg.head.mode == "vision":
         del backbone.language_model
     model = TorchQwenVLClassifier(cfg, backbone)
