@@ -33,7 +33,6 @@ def test_float32_mha_vlm_mean_image_pooling(mha_ckpt):
     assert not _failures(results)
 
 
-
 def test_float32_wider_decoder_with_a_near_zero_gradient(tmp_path):
     """A decoder of width 64 (head_dim 16, the k_proj bias gradient zero up to roundoff), written in bf16.
 
@@ -49,6 +48,7 @@ def test_float32_wider_decoder_with_a_near_zero_gradient(tmp_path):
                                                      "mrope_section": [2, 3, 3]}})
     results = compare.run(ckpt, dtype="float32", image_sizes=[(140, 252), (84, 56)])
     assert not _failures(results)
+
 
 def test_bfloat16_jax_error_within_contract(gqa_ckpt):
     # Every quantity, every tensor, held to the contract as written (batches of 8, gradients stacked

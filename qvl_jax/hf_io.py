@@ -86,8 +86,9 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
         log.info("%s has no classification head; initialising one with %d labels (seed %d)", path,
                  cfg.head.num_labels, head_seed)
         head = init_head(cfg, head_seed)
-        slots["classifier.kernel"].set_value(put("classifier.kernel", head["classifier.weight"].T.astype(np.float32)))
-        slots["classifier.bias"].set_value(put("classifier.bias", head["classifier.bias"].astype(np.float32)))
+        fresh = {"classifier.kernel": head["classifier.weight"].T, "classifier.bias": head["classifier.bias"]}
+        for jax_path, array in fresh.items():
+            slots[jax_path].set_value(put(jax_path, array.astype(slots[jax_path].dtype)))
     return nnx.merge(graphdef, state)
 
 

@@ -167,7 +167,6 @@ def test_export_loads_in_transformers_and_qvl_torch(tmp_path, base, batch, base_
     assert rel_l2(base_logits, t) <= 1e-4
 
 
-
 @pytest.mark.parametrize("variant", [dict(layout="new"), dict(layout="new", max_shard_size="40KB")])
 def test_qvl_torch_loads_the_newer_key_layout(tmp_path, variant, batch, base_logits):
     # transformers alone loads `model.visual.*` into a bare Qwen2_5_VLModel as `model.language_model.visual.*`,
@@ -188,6 +187,7 @@ def test_qvl_torch_refuses_a_checkpoint_with_missing_weights(tmp_path):
     _rewrite(ckpt, lambda t: t.pop("visual.blocks.0.attn.qkv.bias"))
     with pytest.raises(CheckpointError, match=r"missing \['visual.blocks.0.attn.qkv.bias'\]"):
         qvl_torch.load_pretrained(ckpt)
+
 
 def test_vision_mode_export_round_trips(tmp_path, batch):
     ckpt = make_checkpoint(tmp_path / "v", seed=8)
