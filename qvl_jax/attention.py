@@ -73,16 +73,22 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
 
 
 def _xla_attention(q, k, v, is_causal: bool, kv_lengths):
-    """Softmax attention as two einsums over `[B, K, G, T, S]` scores (G query heads per KV head).
+    """Softmax attention in a head-major layout: `[B, K, G*T, H] @ [B, K, H, S]` (G query heads per KV head).
 
-    The same function as `jax.nn.dot_product_attention(implementation="xla")`, written out
-    because XLA:CPU runs this layout's forward + backward ~25% faster (4.7 vs 6.2 ms for
-    a bench_small window layer: 32 windows of 64 tokens, 4 heads of 64).
+    The same function as `jax.nn.dot_product_attention(implementation="xla")`, written so that
+    XLA:CPU does less work: q, k and v are transposed to head-major once, so both products are
+    plain batched matmuls with no layout changes around them (the G query heads sharing a KV head
+    are stacked along the rows: one larger GEMM, K never broadcast); q is scaled instead of the
+    `[T, S]` scores; and the probabilities are normalised after the product with V, on `[T, H]`
+    instead of `[T, S]`. Forward + backward of a bench_small layer: 26 -> 13 ms for 8 images of
+    256 tokens, 4.8 -> 4.1 ms for 32 windows of 64 (docs/performance.md).
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k) * (h ** -0.5)
+    g = n // kv
+    q = (q * h ** -0.5).reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S, H]
+    scores = (q @ k.swapaxes(-1, -2)).reshape(b, kv, g, t, s)
     mask = None
     if is_causal:
         mask = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
@@ -91,5 +97,8 @@ def _xla_attention(q, k, v, is_causal: bool, kv_lengths):
         mask = valid if mask is None else mask & valid
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    # Softmax is shift-invariant, so the max carries no gradient (as in jax.nn.softmax). Every
+    # row keeps at least one key (causal: the diagonal; kv_lengths >= 1), so the sum is >= 1.
+    e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))).reshape(b, kv, g * t, s)
+    out = (e @ v) / e.sum(axis=-1, keepdims=True)
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
