@@ -246,6 +246,13 @@ def validate(cfg: QwenVLConfig) -> None:
     if 2 * sum(t.mrope_section) != t.head_dim:
         raise ConfigError(f"text mrope_section {list(t.mrope_section)} sums to {sum(t.mrope_section)}; "
                           f"it must sum to head_dim/2 = {t.head_dim // 2}")
+    if h.mode == "vlm":
+        # Out of range, JAX's embedding lookup would clamp the id without a word and torch's would fail deep inside.
+        out = {k: getattr(cfg, k) for k in ("image_token_id", "vision_start_token_id", "vision_end_token_id")
+               if not 0 <= getattr(cfg, k) < t.vocab_size}
+        if out:
+            raise ConfigError(", ".join(f"{k} {i}" for k, i in out.items())
+                              + f" outside the text vocab_size {t.vocab_size}")
     if h.mode == "vlm" and v.out_hidden_size != t.hidden_size:
         raise ConfigError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
     if h.pooling not in ("last", "mean_image"):

@@ -31,6 +31,8 @@ def test_head_fields_round_trip():
     (lambda r: r.__setitem__("num_key_value_heads", 5), "not divisible by num_key_value_heads 5"),
     (lambda r: r["vision_config"].__setitem__("out_hidden_size", 100), "out_hidden_size 100"),
     (lambda r: r.pop("vision_config"), "no 'vision_config'"),
+    (lambda r: r.__setitem__("vocab_size", 151000), "image_token_id 151655, vision_start_token_id 151652, "
+                                                      "vision_end_token_id 151653 outside the text vocab_size 151000"),
 ])
 def test_bad_configs_name_the_key(edit, match):
     raw = copy.deepcopy(QWEN25_VL_7B)
