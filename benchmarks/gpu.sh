@@ -21,7 +21,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 import json, sys
 out = sys.argv[1]
 j, t = (json.load(open(f"{out}/{n}.json")) for n in ("jax", "torch"))
-print(f"device: {j['device']}; peak {j['peak_tflops']} TFLOP/s ({j['peak_source']})")
+peak = "unknown" if j["peak_tflops"] is None else f"{j['peak_tflops']:.4g}"
+print(f"device: {j['device']}; peak {peak} TFLOP/s ({j['peak_source']})")
 print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}")
 for name, r in (("jax", j["jax"]), ("torch", t["torch"])):
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"

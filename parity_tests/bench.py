@@ -15,13 +15,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
 
 from qvl_core import flops as flops_lib
 from qvl_core.config import load_config
-from qvl_core.model_config import QwenVLConfig
+from qvl_core.model_config import ConfigError, QwenVLConfig
+from qvl_core.schema import SchemaError
 
 NUM_LABELS = 10
 
@@ -166,8 +168,12 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["jax", "torch"], default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.set)
-    cfg = _model_config(config)
+    try:
+        config = load_config(args.config, args.set)
+        cfg = _model_config(config)
+    except (SchemaError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     batch = config.training.batch_size
     step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
 

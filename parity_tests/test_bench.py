@@ -1,6 +1,10 @@
 """The side-by-side benchmark runs and reports what it measured (small settings, so it stays quick)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from parity_tests.bench import main
 
@@ -18,3 +22,37 @@ def test_bench_reports_both_frameworks(tmp_path, capsys):
     # the images are tiny; tests/test_flops.py holds the model-FLOP agreement.
     assert result["xla_flops_per_step"] > result["analytic_flops_per_step"] > 0
     assert "JAX / PyTorch samples/s" in capsys.readouterr().out
+
+
+# configs/bench_3b.yaml shrunk to a tiny model through the script's own `--set` pass-through, so the GPU
+# script's whole path (two processes, two JSON files, the table) runs here before anyone spends GPU time on it.
+_SHRINK = [
+    "--set", "model.config.vision_config={depth: 2, hidden_size: 32, intermediate_size: 64, num_heads: 2, "
+             "out_hidden_size: 48, window_size: 112, fullatt_block_indexes: [1]}",
+    "--set", "model.config.text_config={vocab_size: 512, hidden_size: 48, intermediate_size: 96, "
+             "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
+             "rope_parameters: {rope_type: default, rope_theta: 1000000.0, mrope_section: [2, 2, 2]}}",
+    "--set", "model.config.image_token_id=500", "--set", "model.config.vision_start_token_id=501",
+    "--set", "model.config.vision_end_token_id=502", "--set", "model.config.video_token_id=503",
+    "--set", "data.image_size=56", "--set", "training.batch_size=2", "--steps", "2", "--warmup", "1",
+]
+
+
+def test_gpu_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path), *_SHRINK], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout.strip().splitlines()[-4:]
+    assert table[0].startswith("framework") and table[1].startswith("jax") and table[2].startswith("torch")
+    assert table[3].startswith("JAX / PyTorch samples/s:")
+    for name in ("jax", "torch"):
+        r = json.loads((tmp_path / f"{name}.json").read_text())[name]
+        assert r["samples_per_second"] > 0 and r["step_time_s"] > 0
+
+
+def test_bench_names_a_bad_config_instead_of_a_traceback(capsys):
+    assert main(["--config", "configs/bench_3b.yaml", "--set", "model.config.text_config.vocab_size=512"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.config: image_token_id 151655") and "vocab_size 512" in err
