@@ -1,7 +1,10 @@
 """The JAX trainer end to end on tiny models and generated data (CPU, simulated devices)."""
 
+import collections
 import json
+import logging
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,8 +22,12 @@ def _run(tmp_path, config: dict, **kw):
     return run(from_dict(RunConfig, config), **kw)
 
 
-def test_run_writes_metrics_checkpoints_label_map_and_hf_export(tmp_path):
-    result = _run(tmp_path, tiny_config(tmp_path))
+def test_run_writes_metrics_checkpoints_label_map_and_hf_export(tmp_path, caplog):
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        result = _run(tmp_path, tiny_config(tmp_path))
+    # 6 steps and 2 evaluations, each step function compiled once: nothing in the loop retraces
+    compiled = collections.Counter(m.split()[1] for m in caplog.messages if m.startswith("Compiling jit("))
+    assert compiled["jit(train_step)"] == 1 and compiled["jit(eval_step)"] == 1, compiled
     run_dir = tmp_path / "outputs" / "run"
     assert result["step"] == 6 and 0 <= result["eval/food_accuracy"] <= 1
     records = read_metrics(run_dir / "logs" / "metrics.jsonl")
