@@ -24,8 +24,9 @@ def test_bench_reports_both_frameworks(tmp_path, capsys):
     assert "JAX / PyTorch samples/s" in capsys.readouterr().out
 
 
-# configs/bench_3b.yaml shrunk to a tiny model through the script's own `--set` pass-through, so the GPU
-# script's whole path (two processes, two JSON files, the table) runs here before anyone spends GPU time on it.
+# configs/bench_3b.yaml shrunk to a tiny model through the scripts' own `--set` pass-through, so the one-call GPU
+# check (environment, parity in bf16, then benchmarks/gpu.sh: two processes, two JSON files, the table) runs here
+# before anyone spends GPU time on it.
 _SHRINK = [
     "--set", "model.config.vision_config={depth: 2, hidden_size: 32, intermediate_size: 64, num_heads: 2, "
              "out_hidden_size: 48, window_size: 112, fullatt_block_indexes: [1]}",
@@ -38,18 +39,26 @@ _SHRINK = [
 ]
 
 
-def test_gpu_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
+def test_device_check_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path), *_SHRINK], cwd=repo, env=env,
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no_wheels")}
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", *_SHRINK], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    table = proc.stdout.strip().splitlines()[-4:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "benchmark exit status 0 (124: out of time)"
+    table = lines[-5:-1]
     assert table[0].startswith("framework") and table[1].startswith("jax") and table[2].startswith("torch")
     assert table[3].startswith("JAX / PyTorch samples/s:")
+    assert "parity exit status 0 (124: out of time)" in lines
+    assert json.loads((tmp_path / "parity_bf16.json").read_text())["ok"] is True
     for name in ("jax", "torch"):
         r = json.loads((tmp_path / f"{name}.json").read_text())[name]
         assert r["samples_per_second"] > 0 and r["step_time_s"] > 0
+    env_txt = (tmp_path / "env.txt").read_text()
+    assert "MISSING" not in env_txt and "jax devices:" in env_txt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["env.txt", "doctor.txt", "parity.log", "parity_bf16.json", "jax.json", "torch.json", "bench.log"])
 
 
 def test_bench_names_a_bad_config_instead_of_a_traceback(capsys):

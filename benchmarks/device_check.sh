@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every GPU check of issue 6 in one call to a lent GPU machine, inside the 10 minutes one call may run:
+#   1. the environment (GPU, library versions) and `qvl_core.doctor`;
+#   2. the parity contract on the GPU in bfloat16 (JAX with cuDNN attention vs torch with sdpa) on a generated
+#      checkpoint whose head dims (16) let cuDNN run;
+#   3. benchmarks/gpu.sh (the 3B-shaped benchmark: JAX vs PyTorch, table last).
+# Each step has its own time limit, so a slow step cannot take the others' results with it. Results land in
+# $OUT (at most 7 files: what the device tool brings back): env.txt, doctor.txt, parity_bf16.json, parity.log,
+# jax.json, torch.json, bench.log.
+#   here:    benchmarks/fetch_device_wheels.sh
+#   device:  run(command="benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
+# Arguments are passed on to the benchmark (e.g. `--set` overrides; a test runs this on a CPU with a shrunk model).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-device_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+WHEELS="${WHEELS:-.whl}"
+export PYTHON="$PY" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qvl_site \
+        "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="/tmp/qvl_site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+PARITY_S="${PARITY_S:-100}" BENCH_S="${BENCH_S:-420}"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
+    "$PY" - <<'PY'
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "torch", "transformers"):
+    try:
+        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as e:  # report, do not stop: the steps below say what breaks
+        print(f"{name} MISSING: {e}")
+import jax
+print("jax devices:", jax.devices())
+PY
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+timeout 60 "$PY" -m qvl_core.doctor > "$OUT/doctor.txt" 2>&1
+
+echo "== parity in bfloat16 (log: $OUT/parity.log)"
+CK="$(mktemp -d)/ck"
+trap 'rm -rf "$(dirname "$CK")"' EXIT
+timeout "$PARITY_S" bash -c '
+"$0" -c "
+from parity_tests.tiny import make_checkpoint
+make_checkpoint(\"$1\", seed=3, dtype=\"bfloat16\", num_labels=9,
+                vision=dict(depth=3, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=64,
+                            window_size=56, fullatt_block_indexes=[1]),
+                text=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                          rope_parameters={\"rope_type\": \"default\", \"rope_theta\": 1e6, \"mrope_section\": [2, 3, 3]}))
+" && "$0" -m parity_tests.check --checkpoint "$1" --dtype bfloat16 --image-sizes 140x252,84x56 --json "$2"
+' "$PY" "$CK" "$OUT/parity_bf16.json" > "$OUT/parity.log" 2>&1
+echo "parity exit status $? (124: out of time)"
+tail -3 "$OUT/parity.log"
+
+echo "== benchmark (benchmarks/gpu.sh)"
+timeout "$BENCH_S" bash benchmarks/gpu.sh "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+echo "benchmark exit status ${PIPESTATUS[0]} (124: out of time)"
