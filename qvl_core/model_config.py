@@ -253,8 +253,8 @@ def validate(cfg: QwenVLConfig) -> None:
         if out:
             raise ConfigError(", ".join(f"{k} {i}" for k, i in out.items())
                               + f" outside the text vocab_size {t.vocab_size}")
-    if h.mode == "vlm" and v.out_hidden_size != t.hidden_size:
-        raise ConfigError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
+        if v.out_hidden_size != t.hidden_size:
+            raise ConfigError(f"vision out_hidden_size {v.out_hidden_size} != text hidden_size {t.hidden_size}")
     if h.pooling not in ("last", "mean_image"):
         raise ConfigError(f"pooling {h.pooling!r} must be 'last' or 'mean_image'")
     if h.mode not in ("vlm", "vision"):
