@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 6 in one call to a lent GPU machine, inside the 10 minutes one call may run:
-#   1. the environment (GPU, library versions) and `qvl_core.doctor`;
+#   1. the environment: `qvl_core.doctor` (GPU and driver, CUDA and cuDNN, library versions, cuDNN attention);
 #   2. the parity contract on the GPU in bfloat16 (JAX with cuDNN attention vs torch with sdpa) on a generated
 #      checkpoint whose head dims (16) let cuDNN run;
 #   3. benchmarks/gpu.sh (the 3B-shaped benchmark: JAX vs PyTorch, table last).
 # Each step has its own time limit, so a slow step cannot take the others' results with it. Results land in
-# $OUT (at most 7 files: what the device tool brings back): env.txt, doctor.txt, parity_bf16.json, parity.log,
-# jax.json, torch.json, bench.log.
+# $OUT (what the device tool brings back): doctor.txt, parity_bf16.json, parity.log, jax.json, torch.json,
+# bench.log.
 #   here:    benchmarks/fetch_device_wheels.sh
 #   device:  run(command="benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 # Arguments are passed on to the benchmark (e.g. `--set` overrides; a test runs this on a CPU with a shrunk model).
@@ -25,22 +25,8 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 PARITY_S="${PARITY_S:-100}" BENCH_S="${BENCH_S:-420}"
 
-{
-    date -u
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
-    "$PY" - <<'PY'
-import importlib
-for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "torch", "transformers"):
-    try:
-        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
-    except Exception as e:  # report, do not stop: the steps below say what breaks
-        print(f"{name} MISSING: {e}")
-import jax
-print("jax devices:", jax.devices())
-PY
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
-timeout 60 "$PY" -m qvl_core.doctor > "$OUT/doctor.txt" 2>&1
+{ date -u; timeout 60 "$PY" -m qvl_core.doctor; } > "$OUT/doctor.txt" 2>&1
+cat "$OUT/doctor.txt"
 
 echo "== parity in bfloat16 (log: $OUT/parity.log)"
 CK="$(mktemp -d)/ck"
@@ -59,5 +45,5 @@ echo "parity exit status $? (124: out of time)"
 tail -3 "$OUT/parity.log"
 
 echo "== benchmark (benchmarks/gpu.sh)"
-timeout "$BENCH_S" bash benchmarks/gpu.sh "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+QVL_DOCTOR=0 timeout "$BENCH_S" bash benchmarks/gpu.sh "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 echo "benchmark exit status ${PIPESTATUS[0]} (124: out of time)"

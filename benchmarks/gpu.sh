@@ -11,8 +11,8 @@ shift || true
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PYTHON" -m qvl_core.doctor || true
+# The environment (GPU, driver, CUDA, cuDNN, library versions), unless benchmarks/device_check.sh reported it already.
+[ "${QVL_DOCTOR:-1}" = 0 ] || "$PYTHON" -m qvl_core.doctor || true
 "$PYTHON" -m parity_tests.bench --config configs/bench_3b.yaml --steps 10 --warmup 2 --only jax \
     --json "$OUT/jax.json" "$@" 2>&1 | tail -8
 "$PYTHON" -m parity_tests.bench --config configs/bench_3b.yaml --steps 10 --warmup 2 --only torch \

@@ -121,7 +121,8 @@ def torch_check() -> list[Check]:
         return [Check("torch", "warn", f"torch does not import ({type(e).__name__})",
                       "only the PyTorch reference needs it: pip install -e '.[torch]'")]
     cuda = torch.cuda.is_available()
-    checks = [Check("torch", "ok", f"torch {torch.__version__}, CUDA {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}")]
+    checks = [Check("torch", "ok", f"torch {torch.__version__}, CUDA {'available: ' + torch.cuda.get_device_name() if cuda else 'not available'}; "
+                                   f"transformers {_version('transformers') or 'missing'}")]
     try:
         import flash_attn
 
