@@ -3,9 +3,12 @@
     python -m parity_tests.bench --config configs/bench_small.yaml [--steps N] [--json OUT] [--only jax|torch]
 
 Random weights and a random batch of the config's image size; after warm-up, the
-median step time of N steps per framework. MFU is against the device's peak: on a
-GPU from the datasheet table (`qvl_core.flops`), on a CPU the float32 matmul peak
-measured in this run (the best of a large jnp.dot and torch.mm), printed with it.
+median step time of N steps per framework. A step trains on `training.batch_size x
+training.gradient_accumulation_steps` samples: with accumulation, both frameworks run
+the micro-batches one after another and apply one AdamW update (the JAX trainer's
+step). MFU is against the device's peak: on a GPU from the datasheet table
+(`qvl_core.flops`), on a CPU the float32 matmul peak measured in this run (the best
+of a large jnp.dot and torch.mm), printed with it.
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ def _model_config(config) -> QwenVLConfig:
         num_labels=NUM_LABELS, mode=m.mode, pooling=m.resolved_pooling)
 
 
+def _global_batch(config) -> int:
+    return config.training.batch_size * config.training.gradient_accumulation_steps
+
+
 def _batch(config, seed: int = 0):
+    """Patches `[G, N, 588]` (uint8) and labels `[G]` of one step's global batch G."""
     rng = np.random.default_rng(seed)
-    b, n = config.training.batch_size, config.data.num_patches
+    b, n = _global_batch(config), config.data.num_patches
     patches = rng.integers(0, 256, (b, n, 588), dtype=np.uint8)
     labels = rng.integers(0, NUM_LABELS, (b,), dtype=np.int32)
     return patches, labels
@@ -90,14 +98,23 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
     param_sh = jax.tree.map(lambda x: layout.replicated(), params)
     opt_state = tx.init(params)
     opt_sh = jax.tree.map(lambda x: layout.replicated(), opt_state)
-    step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
-                           label_smoothing=0.0, accum=1, param_shardings=param_sh, grad_shardings=param_sh,
-                           opt_shardings=opt_sh)
     patches, labels = _batch(config)
-    batch = {"patches": jnp.asarray(patches[None]), "label": jnp.asarray(labels[None]),
-             "valid": jnp.ones((1, len(labels)), bool)}
-    compiled = step.lower(params, frozen, opt_state, batch).compile()
-    cost = compiled.cost_analysis()
+
+    def lower(accum):
+        step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+                               label_smoothing=0.0, accum=accum, param_shardings=param_sh, grad_shardings=param_sh,
+                               opt_shardings=opt_sh)
+        batch = {"patches": jnp.asarray(patches.reshape(accum, -1, *patches.shape[1:])),
+                 "label": jnp.asarray(labels.reshape(accum, -1)),
+                 "valid": jnp.ones((accum, len(labels) // accum), bool)}
+        return step.lower(params, frozen, opt_state, batch), batch
+
+    accum = t.gradient_accumulation_steps
+    lowered, batch = lower(accum)
+    compiled = lowered.compile()
+    # XLA's cost analysis counts a loop body once, so with accumulation (a scan over the micro-batches) the
+    # count comes from the same step lowered over the whole batch at once (lowered only, not compiled).
+    cost = (compiled if accum == 1 else lower(1)[0]).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     times = []
     for i in range(warmup + steps):
@@ -135,18 +152,20 @@ def bench_torch(config, steps: int, warmup: int) -> dict:
         model.model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
     patches, labels = _batch(config)
-    pixels = torch.from_numpy(expand_patches(patches)).to(device)
-    target = torch.from_numpy(labels).long().to(device)
+    accum = config.training.gradient_accumulation_steps
+    pixels = torch.from_numpy(expand_patches(patches)).to(device).chunk(accum)
+    target = torch.from_numpy(labels).long().to(device).chunk(accum)
     grid = config.data.grid_thw
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(pixels, grid).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        loss.backward()
+        for micro_pixels, micro_target in zip(pixels, target):  # the JAX step's sum over micro-batches
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(micro_pixels, grid).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), micro_target, reduction="sum") / len(labels)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.training.max_grad_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -174,7 +193,7 @@ def main(argv=None) -> int:
     except (SchemaError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    batch = config.training.batch_size
+    batch = _global_batch(config)
     step_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
 
     results, device = {}, None
@@ -196,13 +215,16 @@ def main(argv=None) -> int:
     for r in results.values():
         r["mfu"] = r["tflops"] / peak if peak else None
     out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if "cpu" in str(device).lower()
-           else device, "peak_tflops": peak, "peak_source": peak_source, "analytic_flops_per_step": step_flops,
-           **results}
+           else device, "batch": batch, "micro_batch": config.training.batch_size,
+           "gradient_accumulation_steps": config.training.gradient_accumulation_steps, "peak_tflops": peak,
+           "peak_source": peak_source, "analytic_flops_per_step": step_flops, **results}
     if "jax" in results:
         out["xla_flops_per_step"] = results["jax"]["xla_flops"]
     if "jax" in results and "torch" in results:
         out["ratio_samples_per_second"] = results["jax"]["samples_per_second"] / results["torch"]["samples_per_second"]
     print(f"device: {out['device']}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")
+    print(f"batch per step: {batch} (micro-batch {config.training.batch_size} x "
+          f"{config.training.gradient_accumulation_steps} accumulation steps, one AdamW update)")
     print(f"model FLOPs per step: analytic {step_flops:.4g}" +
           (f", XLA cost_analysis {out['xla_flops_per_step']:.4g} "
            f"of the whole step incl. AdamW ({step_flops / out['xla_flops_per_step'] - 1:+.1%})"
