@@ -169,9 +169,24 @@ def disk_check(output_dir: str) -> Check:
                                                                      "~90 GB)" if status == "warn" else ""))
 
 
+def host_malloc_check() -> Check:
+    from qvl_core import hostmem
+
+    state, reason = hostmem.status()
+    if state == "on":
+        return Check("host malloc", "ok", f"2 MiB pages for glibc malloc ({reason})")
+    if state == "available":
+        return Check("host malloc", "ok", f"the JAX commands restart once with {hostmem.TUNABLE}=1 ({reason})")
+    if reason.startswith("QVL_HUGEPAGE_MALLOC"):
+        return Check("host malloc", "ok", f"4 KiB pages: {reason}")
+    return Check("host malloc", "warn", f"4 KiB pages: {reason}",
+                 "on a CPU, steps spend ~25% in page faults this way (docs/performance.md); GPU runs do not care")
+
+
 def run_checks(output_dir: str = "outputs") -> list[Check]:
     checks = [Check("python", "ok", f"Python {platform.python_version()} on {platform.platform()}")]
     checks.append(glibc())
+    checks.append(host_malloc_check())
     checks += jax_check()
     checks.append(cuda_driver())
     versions = ", ".join(f"{m} {_version(m) or 'missing'}" for m in ("flax", "optax", "orbax.checkpoint", "grain"))

@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from qvl_core import hostmem
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import DataError, EvalSource, LabelMap, load_data
 from qvl_core.hf_checkpoint import CheckpointError
@@ -186,4 +187,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_page_malloc()
     sys.exit(main())

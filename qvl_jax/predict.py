@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qvl_core import hostmem
 from qvl_core.config import load_config
 from qvl_core.data import BadImageError, EvalTransform, decode_image, patchify
 from qvl_core.data.sources import IMAGE_EXTENSIONS
@@ -113,4 +114,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_page_malloc()
     sys.exit(main())

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from qvl_core import flops as flops_lib
+from qvl_core import hostmem
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import BadRecords, DataError, EvalSource, LabelMap, TrainSource
 from qvl_core.hf_checkpoint import CheckpointError, local_checkpoint, resolve_config
@@ -348,6 +349,9 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
              "accumulation; %d steps (%.2f epochs of %d records)", procs, devices, jax.devices()[0].device_kind,
              layout.strategy, global_batch, t.batch_size, devices, t.gradient_accumulation_steps, total_steps,
              total_steps * global_batch / epoch_length, epoch_length)
+    if jax.devices()[0].platform == "cpu":
+        state, reason = hostmem.status()
+        log.info("host malloc: %s (%s)", "2 MiB pages" if state == "on" else "4 KiB pages", reason)
 
     # --- model and optimizer, created sharded
     cfg, _ = model_config(config, label_map)
@@ -551,4 +555,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    hostmem.use_huge_page_malloc()
     sys.exit(main())
