@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qvl_core import hostmem
+
 # flash-attn's prebuilt wheels and recent jaxlib wheels are built against these glibc versions.
 FLASH_ATTN_GLIBC = (2, 32)
 JAXLIB_GLIBC = (2, 27)
@@ -170,8 +172,6 @@ def disk_check(output_dir: str) -> Check:
 
 
 def host_malloc_check() -> Check:
-    from qvl_core import hostmem
-
     state, reason = hostmem.status()
     if state == "on":
         return Check("host malloc", "ok", f"2 MiB pages for glibc malloc ({reason})")

@@ -76,4 +76,7 @@ def use_huge_page_malloc() -> None:
     env = {**os.environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as e:  # e.g. an interpreter path that is gone: carry on with 4 KiB pages
+        print(f"qvl: could not restart with {TUNABLE}=1 ({e}); continuing without it", file=sys.stderr)

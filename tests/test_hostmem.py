@@ -68,3 +68,15 @@ def test_restart_keeps_the_process_and_its_arguments_and_cuts_page_faults():
         assert opted_out["faults"] > 100_000 and restarted["faults"] < opted_out["faults"] / 20, (restarted, opted_out)
     else:
         assert restarted["tunables"] is None, reason
+
+
+def test_a_failed_restart_carries_on(monkeypatch, capsys):
+    monkeypatch.setattr(hostmem, "status", lambda environ=None: ("available", "test"))
+    monkeypatch.setattr(hostmem.sys, "orig_argv", ["python", "-m", "qvl_jax.train"], raising=False)
+
+    def fail(*args):
+        raise FileNotFoundError("no such interpreter")
+
+    monkeypatch.setattr(hostmem.os, "execve", fail)
+    hostmem.use_huge_page_malloc()
+    assert "continuing without it" in capsys.readouterr().err
