@@ -215,7 +215,8 @@ def main(argv=None) -> int:
         device = device or r["device"]
         results[name] = {"samples_per_second": batch / median, "step_time_s": median,
                          "tflops": step_flops / median / 1e12, **r}
-    if device is None or device == "cpu" or "cpu" in str(device).lower():
+    on_cpu = device is None or "cpu" in str(device).lower()
+    if on_cpu:
         measured = matmul_peak_tflops()
         if cpu_peak_before:
             measured = {k: max(v, cpu_peak_before[k]) for k, v in measured.items()}
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
         peak_source = "datasheet bf16 dense peak" if peak else "unknown peak"
     for r in results.values():
         r["mfu"] = r["tflops"] / peak if peak else None
-    out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if "cpu" in str(device).lower()
-           else device, "batch": batch, "micro_batch": config.training.batch_size,
+    out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if on_cpu else device,
+           "batch": batch, "micro_batch": config.training.batch_size,
            "gradient_accumulation_steps": config.training.gradient_accumulation_steps, "peak_tflops": peak,
            "peak_source": peak_source, "analytic_flops_per_step": step_flops, **results}
     if "jax" in results:
@@ -235,10 +236,10 @@ def main(argv=None) -> int:
     if "jax" in results and "torch" in results:
         out["ratio_samples_per_second"] = results["jax"]["samples_per_second"] / results["torch"]["samples_per_second"]
     print(f"device: {out['device']}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")
-    if "cpu" in str(device).lower():
+    if on_cpu:
         state, reason = hostmem.status()
         out["host_malloc"] = f"{state}: {reason}"
-        print(f"host malloc: {'2 MiB pages' if state == 'on' else '4 KiB pages'} ({reason})")
+        print(f"host malloc: {hostmem.describe(state, reason)}")
     print(f"batch per step: {batch} (micro-batch {config.training.batch_size} x "
           f"{config.training.gradient_accumulation_steps} accumulation steps, one AdamW update)")
     print(f"model FLOPs per step: analytic {step_flops:.4g}" +

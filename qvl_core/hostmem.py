@@ -65,6 +65,11 @@ def status(environ=None) -> tuple[str, str]:
     return "available", f"GLIBC_TUNABLES lacks it; kernel THP mode {mode or 'unknown'}"
 
 
+def describe(state: str, reason: str) -> str:
+    """One line for logs from `status()`: the page size malloc gets, and why."""
+    return f"{'2 MiB' if state == 'on' else '4 KiB'} pages ({reason})"
+
+
 def use_huge_page_malloc() -> None:
     """Restart the running command once with `GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1` where that
     is possible and not yet so (see the module docstring); otherwise return. Call it before any

@@ -350,8 +350,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
              layout.strategy, global_batch, t.batch_size, devices, t.gradient_accumulation_steps, total_steps,
              total_steps * global_batch / epoch_length, epoch_length)
     if jax.devices()[0].platform == "cpu":
-        state, reason = hostmem.status()
-        log.info("host malloc: %s (%s)", "2 MiB pages" if state == "on" else "4 KiB pages", reason)
+        log.info("host malloc: %s", hostmem.describe(*hostmem.status()))
 
     # --- model and optimizer, created sharded
     cfg, _ = model_config(config, label_map)

@@ -80,3 +80,10 @@ def test_a_failed_restart_carries_on(monkeypatch, capsys):
     monkeypatch.setattr(hostmem.os, "execve", fail)
     hostmem.use_huge_page_malloc()
     assert "continuing without it" in capsys.readouterr().err
+
+
+def test_describe_names_the_page_size_and_the_reason():
+    assert hostmem.describe("on", "GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == \
+        "2 MiB pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+    assert hostmem.describe("available", "x") == "4 KiB pages (x)"
+    assert hostmem.describe("off", "QVL_HUGEPAGE_MALLOC=0") == "4 KiB pages (QVL_HUGEPAGE_MALLOC=0)"
