@@ -82,7 +82,8 @@ class QwenVLClassifier(nnx.Module):
             pooled = jnp.sum(jnp.where(valid[..., None], feats.astype(jnp.float32), 0), 1) / n_tok[:, None]
             return ClassifierOutput(self._head(pooled), pooled, feats)
         if input_ids is None:
-            input_ids, attention_mask = (jnp.asarray(a) for a in build_input_ids(cfg, grids))
+            with jax.ensure_compile_time_eval():  # concrete, so the positions below are constants too
+                input_ids, attention_mask = (jnp.asarray(a) for a in build_input_ids(cfg, grids))
         _check_tokens(cfg, input_ids, attention_mask, grids)
         is_img = input_ids == cfg.image_token_id
         if attention_mask is not None:
@@ -91,8 +92,9 @@ class QwenVLClassifier(nnx.Module):
         # HF's masked_scatter: the k-th image token of row b takes feature k of image b.
         k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         embeds = jnp.where(is_img[..., None], take_rows(feats, k).astype(text_embeds.dtype), text_embeds)
-        merged_hw = jnp.asarray([(h // merge, w // merge) for _, h, w in grids])
-        position_ids = get_rope_index(cfg, input_ids, attention_mask, merged_hw)
+        with jax.ensure_compile_time_eval():  # constants when the prompt was built from the (static) grids
+            merged_hw = jnp.asarray([(h // merge, w // merge) for _, h, w in grids])
+            position_ids = get_rope_index(cfg, input_ids, attention_mask, merged_hw)
         kv_lengths = None if attention_mask is None else attention_mask.sum(-1)
         hidden = self.language_model(embeds, position_ids, kv_lengths)
         pooled = pool(hidden, is_img, attention_mask, cfg.head.pooling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -74,7 +75,8 @@ class TextModel(nnx.Module):
     def __call__(self, inputs_embeds, position_ids, kv_lengths=None):
         """`inputs_embeds [B, L, D]`, `position_ids [3, B, L]`, `kv_lengths [B]` (right padding) -> `[B, L, D]`."""
         cfg = self.config
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        with jax.ensure_compile_time_eval():  # a constant when the positions are (see VisionTransformer)
+            cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         run = self.opts.maybe_remat(_run_layer)
         x = inputs_embeds.astype(self.opts.jnp_dtype)
         for layer in self.layers:

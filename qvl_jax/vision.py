@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -128,7 +129,10 @@ class VisionTransformer(nnx.Module):
         cfg, opts = self.config, self.opts
         x = self.patch_embed(pixel_values.astype(opts.jnp_dtype))
         x = take_rows(x, layout.perm)
-        cos, sin = vision_cos_sin(layout.pos_hw, cfg.head_dim, cfg.rope_theta)
+        # The rotary table depends only on the (static) grid: evaluated once while tracing, it enters the
+        # program as a constant. Computed inside it, XLA:CPU re-evaluates cos/sin in every fusion that reads them.
+        with jax.ensure_compile_time_eval():
+            cos, sin = vision_cos_sin(layout.pos_hw, cfg.head_dim, cfg.rope_theta)
         full = set(cfg.fullatt_block_indexes)
         run_window = opts.maybe_remat(_partial(layout.window))
         run_full = opts.maybe_remat(_partial(layout.full))

@@ -57,3 +57,18 @@ def test_vision_mode_counts_only_the_tower():
     cfg = QwenVLConfig.from_hf_dict(copy.deepcopy(QWEN25_VL_7B)).with_head(mode="vision", pooling="mean_image")
     _, hf_model = _hf_param_count(QWEN25_VL_7B)
     assert _jax_param_count(cfg) == sum(p.numel() for p in hf_model.visual.parameters())
+
+
+def test_rotary_tables_are_constants_of_the_program():
+    """The vision and M-RoPE cos/sin tables depend only on the static grid, so they are evaluated while tracing.
+    Left in the program, XLA:CPU evaluates cos/sin again inside every fusion that reads them (~8% of the
+    bench_small step, docs/performance.md)."""
+    cfg = QwenVLConfig.from_hf_dict(copy.deepcopy(QWEN25_VL_3B)).with_head(num_labels=101)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=nnx.Rngs(0))))
+
+    def forward(state, pix):
+        return nnx.merge(graphdef, state)(pix, (1, 32, 32)).logits
+
+    jaxpr = str(jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((2, 1024, 1176), np.float32)))
+    assert " = cos " not in jaxpr and " = sin " not in jaxpr
+    assert " = dot_general" in jaxpr  # the forward was traced
