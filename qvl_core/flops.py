@@ -4,9 +4,12 @@ Counts 2 FLOPs per multiply-add of every matmul: patch embedding, every vision
 block (q/k/v/proj, SwiGLU MLP, attention scores and values over the real window
 sizes, full attention in `fullatt_block_indexes`), the merger, every decoder layer
 (attention over the whole sequence, as the kernels compute it) and the head.
-Training = forward + backward, backward = 2x forward for parts that train; a
-frozen part costs 1x forward in the backward pass when something before it
-trains (its input gradients), nothing otherwise. Recomputation from gradient
+Training = forward + backward. A part's backward costs 1x its forward for the
+weight gradients if it trains, and 1x for the input gradients if anything
+before it trains, or if it trains and opens with a norm (vision blocks, merger,
+decoder: the norm's scale gradient needs the first matmul's input gradient, as
+in the merger of a run with the vision tower frozen). The patch embedding never
+needs input gradients (its input is the pixels). Recomputation from gradient
 checkpointing is not counted (model FLOPs, not hardware FLOPs).
 """
 
@@ -102,7 +105,8 @@ def train_flops_per_sample(cfg: QwenVLConfig, grid_thw: tuple[int, int, int], *,
     upstream = False  # does anything before this part train (so its input gradients are needed)?
     for name, part in forward_parts(cfg, grid_thw, prompt_tokens).items():
         trains = trainable.get(name, True)
-        input_grads = upstream and name != "patch_embed"
+        # The head is one matmul; every other part but the patch embedding opens with a norm (see above).
+        input_grads = name != "patch_embed" and (upstream or (trains and name != "head"))
         total += part.total
         total += part.weights * (int(trains) + int(input_grads))
         total += part.attention * 2 * int(trains or input_grads)
