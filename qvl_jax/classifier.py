@@ -95,6 +95,10 @@ class QwenVLClassifier(nnx.Module):
         with jax.ensure_compile_time_eval():  # constants when the prompt was built from the (static) grids
             merged_hw = jnp.asarray([(h // merge, w // merge) for _, h, w in grids])
             position_ids = get_rope_index(cfg, input_ids, attention_mask, merged_hw)
+        if not isinstance(position_ids, jax.core.Tracer):
+            pos = np.asarray(position_ids)
+            if (pos == pos[:, :1]).all():  # one row for the whole batch (see VisionTransformer)
+                position_ids = pos[:, :1]
         kv_lengths = None if attention_mask is None else attention_mask.sum(-1)
         hidden = self.language_model(embeds, position_ids, kv_lengths)
         pooled = pool(hidden, is_img, attention_mask, cfg.head.pooling)

@@ -13,7 +13,7 @@ def rotate_half(x):
 
 
 def apply_rotary(q, k, cos, sin):
-    """`q [B, T, N, H]`, `k [B, T, K, H]`, `cos/sin [B, T, H]`; computed in float32 like HF's vision path."""
+    """`q [B, T, N, H]`, `k [B, T, K, H]`, `cos/sin [B or 1, T, H]`; computed in float32 like HF's vision path."""
     cos, sin = cos[:, :, None, :].astype(jnp.float32), sin[:, :, None, :].astype(jnp.float32)
 
     def rot(x):

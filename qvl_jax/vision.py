@@ -131,8 +131,10 @@ class VisionTransformer(nnx.Module):
         x = take_rows(x, layout.perm)
         # The rotary table depends only on the (static) grid: evaluated once while tracing, it enters the
         # program as a constant. Computed inside it, XLA:CPU re-evaluates cos/sin in every fusion that reads them.
+        # One row when every image has the same grid, broadcast over the batch: the constant does not grow with it.
+        pos = layout.pos_hw[:1] if (layout.pos_hw == layout.pos_hw[:1]).all() else layout.pos_hw
         with jax.ensure_compile_time_eval():
-            cos, sin = vision_cos_sin(layout.pos_hw, cfg.head_dim, cfg.rope_theta)
+            cos, sin = vision_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
         full = set(cfg.fullatt_block_indexes)
         run_window = opts.maybe_remat(_partial(layout.window))
         run_full = opts.maybe_remat(_partial(layout.full))

@@ -62,13 +62,17 @@ def test_vision_mode_counts_only_the_tower():
 def test_rotary_tables_are_constants_of_the_program():
     """The vision and M-RoPE cos/sin tables depend only on the static grid, so they are evaluated while tracing.
     Left in the program, XLA:CPU evaluates cos/sin again inside every fusion that reads them (~8% of the
-    bench_small step, docs/performance.md)."""
+    bench_small step, docs/performance.md). With one grid for the whole batch they are one row each, so the
+    program's constants do not grow with the batch."""
     cfg = QwenVLConfig.from_hf_dict(copy.deepcopy(QWEN25_VL_3B)).with_head(num_labels=101)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=nnx.Rngs(0))))
 
     def forward(state, pix):
         return nnx.merge(graphdef, state)(pix, (1, 32, 32)).logits
 
-    jaxpr = str(jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((2, 1024, 1176), np.float32)))
+    closed = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((8, 1024, 1176), np.float32))
+    jaxpr = str(closed)
     assert " = cos " not in jaxpr and " = sin " not in jaxpr
     assert " = dot_general" in jaxpr  # the forward was traced
+    tables = [c.shape for c in closed.consts if np.issubdtype(getattr(c, "dtype", np.int32), np.floating)]
+    assert sorted(tables) == [(1, 258, 128)] * 2 + [(1, 1024, 80)] * 2  # decoder (256 image tokens + 2), vision
