@@ -13,6 +13,7 @@ from flax import nnx
 from qvl_core.model_config import QwenVLConfig, head_input_size
 from qvl_core.sequence import build_input_ids
 from qvl_jax.options import RuntimeOptions
+from qvl_jax.rotary import one_row_if_shared
 from qvl_jax.text import TextModel, get_rope_index
 from qvl_jax.vision import VisionTransformer, take_rows
 from qvl_jax.vision_layout import Grid, vision_layout
@@ -92,13 +93,10 @@ class QwenVLClassifier(nnx.Module):
         # HF's masked_scatter: the k-th image token of row b takes feature k of image b.
         k = jnp.clip(jnp.cumsum(is_img, axis=1) - 1, 0, feats.shape[1] - 1)
         embeds = jnp.where(is_img[..., None], take_rows(feats, k).astype(text_embeds.dtype), text_embeds)
-        with jax.ensure_compile_time_eval():  # constants when the prompt was built from the (static) grids
+        with jax.ensure_compile_time_eval():  # concrete when the prompt was built from the (static) grids
             merged_hw = jnp.asarray([(h // merge, w // merge) for _, h, w in grids])
             position_ids = get_rope_index(cfg, input_ids, attention_mask, merged_hw)
-        if not isinstance(position_ids, jax.core.Tracer):
-            pos = np.asarray(position_ids)
-            if (pos == pos[:, :1]).all():  # one row for the whole batch (see VisionTransformer)
-                position_ids = pos[:, :1]
+        position_ids = one_row_if_shared(position_ids, 1)  # the rotary tables become constants (qvl_jax.rotary)
         kv_lengths = None if attention_mask is None else attention_mask.sum(-1)
         hidden = self.language_model(embeds, position_ids, kv_lengths)
         pooled = pool(hidden, is_img, attention_mask, cfg.head.pooling)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -73,10 +72,10 @@ class TextModel(nnx.Module):
         self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
 
     def __call__(self, inputs_embeds, position_ids, kv_lengths=None):
-        """`inputs_embeds [B, L, D]`, `position_ids [3, B or 1, L]`, `kv_lengths [B]` (right padding) -> `[B, L, D]`."""
+        """`inputs_embeds [B, L, D]`, `position_ids [3, B or 1, L]`, `kv_lengths [B]` (right padding)
+        -> `[B, L, D]`."""
         cfg = self.config
-        with jax.ensure_compile_time_eval():  # a constant when the positions are (see VisionTransformer)
-            cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         run = self.opts.maybe_remat(_run_layer)
         x = inputs_embeds.astype(self.opts.jnp_dtype)
         for layer in self.layers:

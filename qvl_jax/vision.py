@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,7 +10,7 @@ from qvl_jax.attention import dot_product_attention
 from qvl_jax.linear import Linear
 from qvl_jax.norm import RMSNorm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
-from qvl_jax.rotary import apply_rotary, vision_cos_sin
+from qvl_jax.rotary import apply_rotary, one_row_if_shared, vision_cos_sin
 from qvl_jax.vision_layout import Segments, VisionLayout
 
 
@@ -129,12 +128,8 @@ class VisionTransformer(nnx.Module):
         cfg, opts = self.config, self.opts
         x = self.patch_embed(pixel_values.astype(opts.jnp_dtype))
         x = take_rows(x, layout.perm)
-        # The rotary table depends only on the (static) grid: evaluated once while tracing, it enters the
-        # program as a constant. Computed inside it, XLA:CPU re-evaluates cos/sin in every fusion that reads them.
-        # One row when every image has the same grid, broadcast over the batch: the constant does not grow with it.
-        pos = layout.pos_hw[:1] if (layout.pos_hw == layout.pos_hw[:1]).all() else layout.pos_hw
-        with jax.ensure_compile_time_eval():
-            cos, sin = vision_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
+        # Positions from the static layout: the tables are constants of the program (qvl_jax.rotary).
+        cos, sin = vision_cos_sin(one_row_if_shared(layout.pos_hw, 0), cfg.head_dim, cfg.rope_theta)
         full = set(cfg.fullatt_block_indexes)
         run_window = opts.maybe_remat(_partial(layout.window))
         run_full = opts.maybe_remat(_partial(layout.full))

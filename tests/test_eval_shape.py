@@ -76,3 +76,15 @@ def test_rotary_tables_are_constants_of_the_program():
     assert " = dot_general" in jaxpr  # the forward was traced
     tables = [c.shape for c in closed.consts if np.issubdtype(getattr(c, "dtype", np.int32), np.floating)]
     assert sorted(tables) == [(1, 258, 128)] * 2 + [(1, 1024, 80)] * 2  # decoder (256 image tokens + 2), vision
+
+
+def test_one_row_if_shared_keeps_differing_rows_and_tracers():
+    from qvl_jax.rotary import one_row_if_shared
+
+    same = np.tile(np.arange(6).reshape(1, 3, 2), (4, 1, 1))
+    assert one_row_if_shared(same, 0).shape == (1, 3, 2)
+    differ = same.copy()
+    differ[2, 1, 0] = 7  # one image of another size
+    assert one_row_if_shared(differ, 0).shape == (4, 3, 2)
+    assert one_row_if_shared(np.stack([same, same, differ]), 1).shape == (3, 4, 3, 2)
+    assert jax.jit(lambda p: one_row_if_shared(p, 0))(same).shape == (4, 3, 2)  # traced: left as it is
