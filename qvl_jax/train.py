@@ -240,8 +240,6 @@ def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum
             "accuracy": correct / denom,
             "examples": count,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_params),
-            "update_norm": optax.global_norm(updates),
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
         return new_params, new_opt_state, measurements
