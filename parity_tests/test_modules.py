@@ -52,6 +52,28 @@ def test_patch_embed_matches_conv3d(pair):
     assert rel_l2(j, t.numpy()) <= MODULE_LIMIT
 
 
+def test_patch_embed_of_one_frame_matches_conv3d_of_the_repeated_frame(pair):
+    """The trainers feed one frame per patch: the kernel summed over time, against HF's Conv3d on both copies."""
+    from flax import nnx
+    jm, tm = pair
+    pix, _ = random_batch([grid_for(56, 84)])
+    b, n, _ = pix.shape
+    frame = pix.reshape(b, n, 3, 2, -1)[:, :, :, 0]  # [B, N, C, P*P]: the first of the two temporal copies
+    full = np.repeat(frame[:, :, :, None], 2, axis=3).reshape(b, n, -1)  # the processor's layout: (C, T, P, P)
+    j = jm.visual.patch_embed(jnp.asarray(frame.reshape(b, n, -1)))
+    with torch.no_grad():
+        t = tm.model.visual.patch_embed(torch.from_numpy(full[0]))
+    assert rel_l2(j[0], t.numpy()) <= MODULE_LIMIT
+    # The kernel's gradient reaches both temporal slices, as through the repeated rows.
+    graphdef, state = nnx.split(jm.visual.patch_embed)
+    weights = jnp.asarray(np.random.default_rng(0).standard_normal(j.shape), jnp.float32)
+    grad = jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) * weights))
+    one, both = grad(state, jnp.asarray(frame.reshape(b, n, -1))), grad(state, jnp.asarray(full))
+    assert rel_l2(one["proj"]["kernel"][...], both["proj"]["kernel"][...]) <= MODULE_LIMIT
+    with pytest.raises(ValueError, match="pixel_values rows have 500 values; the patch embedding takes 1176"):
+        jm.visual.patch_embed(jnp.zeros((1, n, 500)))
+
+
 def test_vision_rotary_matches_hf(pair):
     from transformers.vision_utils import get_vision_position_ids
 

@@ -1,6 +1,8 @@
 """Model FLOPs of the classifier, from the config alone, and MFU.
 
-Counts 2 FLOPs per multiply-add of every matmul: patch embedding, every vision
+Counts 2 FLOPs per multiply-add of every matmul: patch embedding (of one frame
+per patch: for an image the processor's temporal copies are equal, and the JAX
+vision tower multiplies the frame by the kernel summed over time), every vision
 block (q/k/v/proj, SwiGLU MLP, attention scores and values over the real window
 sizes, full attention in `fullatt_block_indexes`), the merger, every decoder layer
 (attention over the whole sequence, as the kernels compute it) and the head.
@@ -82,7 +84,7 @@ def forward_parts(cfg: QwenVLConfig, grid_thw: tuple[int, int, int], prompt_toke
     merged_in = d * v.spatial_merge_size**2
     tokens = n // v.spatial_merge_size**2
     parts = {
-        "patch_embed": PartFlops(2 * n * v.patch_dim * d),
+        "patch_embed": PartFlops(2 * n * v.frame_dim * d),  # one frame: an image's temporal copies are equal
         "vision_blocks": PartFlops(v.depth * per_block, attention),
         "merger": PartFlops(2 * tokens * merged_in * (merged_in + v.out_hidden_size)),
     }

@@ -59,6 +59,12 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @property
+    def frame_dim(self) -> int:
+        """Length of one frame of a patch row (588): an image's `pixel_values` row is this repeated
+        `temporal_patch_size` times per channel, and the vision tower also takes rows of this length."""
+        return self.in_channels * self.patch_size**2
+
+    @property
     def merge_unit(self) -> int:
         return self.spatial_merge_size**2
 

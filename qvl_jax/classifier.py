@@ -62,7 +62,8 @@ class QwenVLClassifier(nnx.Module):
             self.classifier = None
 
     def encode_image(self, pixel_values, grid_thw):
-        """`pixel_values [B, N, 1176]`, `grid_thw` `(t, h, w)` or `[B, 3]` -> `[B, N/4, out_hidden]`, HF's order."""
+        """`pixel_values [B, N, 1176]` (or one frame per patch, `[B, N, 588]`), `grid_thw` `(t, h, w)` or `[B, 3]`
+        -> `[B, N/4, out_hidden]`, HF's order."""
         grids = normalize_grids(grid_thw, pixel_values.shape[0])
         layout = vision_layout(grids, self.config.vision)
         if pixel_values.shape[1] != layout.num_patches:

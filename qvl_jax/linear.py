@@ -46,6 +46,13 @@ def _dot_general(x, w, dimension_numbers, precision=None, preferred_element_type
     return _dot_f32(x, w, ((tuple(lc), tuple(rc)), ((), ())), precision)
 
 
+def matmul(x, w):
+    """`x [..., I] @ w [I, O]` as one 2-D matmul in x's dtype, rounded once like `Linear` (no bias)."""
+    w = w.astype(x.dtype)
+    y = _dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())))
+    return y.reshape(*x.shape[:-1], w.shape[-1]).astype(x.dtype)
+
+
 class Linear(nnx.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, dot_general=_dot_general, **kwargs)

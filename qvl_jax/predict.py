@@ -28,7 +28,7 @@ from qvl_core.data.sources import IMAGE_EXTENSIONS
 from qvl_core.hf_checkpoint import CheckpointError
 from qvl_core.schema import SchemaError
 from qvl_jax.evaluate import load_classifier, locate
-from qvl_jax.pixels import expand_patches
+from qvl_jax.pixels import frame_values
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -60,7 +60,7 @@ def predict(checkpoint: str, inputs: list[str], *, top_k: int = 5, batch_size: i
 
     @jax.jit
     def probabilities(params, frozen, patches):
-        logits = nnx.merge(graphdef, params, frozen)(expand_patches(patches, dtype), grid).logits
+        logits = nnx.merge(graphdef, params, frozen)(frame_values(patches, dtype), grid).logits
         return jax.nn.softmax(logits, -1)
 
     files = image_files(inputs)

@@ -40,7 +40,7 @@ from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.hf_io import load_hf, save_hf
 from qvl_jax.input_pipeline import make_loader
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.pixels import expand_patches
+from qvl_jax.pixels import frame_values
 
 log = logging.getLogger("qvl_jax.train")
 
@@ -181,7 +181,7 @@ def make_optimizer(config: RunConfig, params, total_steps: int):
 
 def _logits(graphdef, params, frozen, patches, grid, dtype):
     model = nnx.merge(graphdef, params, frozen)
-    return model(expand_patches(patches, dtype), grid).logits
+    return model(frame_values(patches, dtype), grid).logits
 
 
 def _example_losses(logits, labels, label_smoothing: float = 0.0):

@@ -7,7 +7,7 @@ from flax import nnx
 
 from qvl_core.model_config import VisionConfig
 from qvl_jax.attention import dot_product_attention
-from qvl_jax.linear import Linear
+from qvl_jax.linear import Linear, matmul
 from qvl_jax.norm import RMSNorm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, one_row_if_shared, vision_cos_sin
@@ -44,13 +44,25 @@ def segment_attention(q, k, v, seg: Segments, requested: str):
 
 
 class PatchEmbed(nnx.Module):
-    """HF's Conv3d with kernel == stride over a flattened (C, T, P, P) patch is a matmul; stored as one."""
+    """HF's Conv3d with kernel == stride over a flattened (C, T, P, P) patch is a matmul; stored as one.
+
+    Rows of one frame (`[B, N, C*P*P]`) stand for an image's patches, whose T temporal copies are equal (the
+    processor repeats the frame): they meet the kernel summed over its T slices, half the matmul for T = 2.
+    """
 
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         self.proj = _linear(cfg.initializer_range, cfg.patch_dim, cfg.hidden_size, False, opts, rngs)
+        self.channels, self.frames = cfg.in_channels, cfg.temporal_patch_size
 
-    def __call__(self, pixel_values):  # [B, N, C*T*P*P] -> [B, N, D]
-        return self.proj(pixel_values)
+    def __call__(self, pixel_values):  # [B, N, C*T*P*P] or [B, N, C*P*P] -> [B, N, D]
+        width, full = pixel_values.shape[-1], self.proj.in_features
+        if width == full:
+            return self.proj(pixel_values)
+        if width * self.frames != full:
+            raise ValueError(f"pixel_values rows have {width} values; the patch embedding takes {full} "
+                             f"(C*T*P*P) or one frame of {full // self.frames} (C*P*P)")
+        kernel = self.proj.kernel[...].reshape(self.channels, self.frames, -1, self.proj.out_features)
+        return matmul(pixel_values, kernel.astype(jnp.float32).sum(1).reshape(width, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -120,7 +132,8 @@ class VisionTransformer(nnx.Module):
         self.merger = PatchMerger(cfg, opts, rngs)
 
     def __call__(self, pixel_values, layout: VisionLayout):
-        """`pixel_values [B, N, C*T*P*P]` in the processor's patch order -> `[B, N/4, out_hidden]`.
+        """`pixel_values [B, N, C*T*P*P]` (or one frame, `[B, N, C*P*P]`) in the processor's patch order
+        -> `[B, N/4, out_hidden]`.
 
         The output is in HF's token order (the window permutation undone);
         rows past an image's own `N_b/4` tokens (padding) are zero.

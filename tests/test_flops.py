@@ -41,7 +41,7 @@ def test_analytic_train_flops_match_xla_cost_analysis(mode, side, freeze):
     model_cfg = ModelConfig(config={}, mode=mode, **freeze)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(model_cfg), ...)
     grid, batch = (1, side // 14, side // 14), 2
-    pixels = jnp.zeros((batch, grid[1] * grid[2], 1176))
+    pixels = jnp.zeros((batch, grid[1] * grid[2], 588))  # one frame per patch, as the trainer feeds them
     labels = jnp.zeros((batch,), jnp.int32)
 
     def loss(p, frozen, pixels):
