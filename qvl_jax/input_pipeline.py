@@ -20,6 +20,17 @@ def _absl_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+WORKER_BUFFER = 2  # batches each worker process decodes ahead
+
+
+def read_ahead(num_workers: int, prefetch: int = 4) -> int:
+    """Batches a loader may decode beyond the one the trainer asks for. grain's worker processes leave the
+    shared memory of their last batches behind when the source runs out under them (Python's resource tracker
+    then warns about leaked `shared_memory` objects at exit), so training sources run this much past the
+    last step: the workers never run out, and closing the iterator frees what they decoded ahead."""
+    return prefetch + num_workers * WORKER_BUFFER
+
+
 def make_loader(
     source,
     *,
@@ -55,5 +66,5 @@ def make_loader(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
     if num_workers > 0:
         _absl_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER))
     return it

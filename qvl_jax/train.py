@@ -38,7 +38,7 @@ from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.hf_io import load_hf, save_hf
-from qvl_jax.input_pipeline import make_loader
+from qvl_jax.input_pipeline import make_loader, read_ahead
 from qvl_jax.options import RuntimeOptions
 from qvl_jax.pixels import frame_values
 
@@ -255,7 +255,9 @@ def to_global(batch: dict, layout, *, accum: int | None) -> dict:
     """A process-local numpy batch -> global arrays split over `data` (keys the model needs only)."""
     out = {}
     for key in ("patches", "label", "valid"):
-        local = np.asarray(batch[key])
+        # A copy: on a CPU the global array may alias the numpy buffer, which for a batch from grain's workers is
+        # shared memory that would then outlive the loader.
+        local = np.array(batch[key])
         if accum is not None:
             local = local.reshape(accum, -1, *local.shape[1:])
             sharding = layout.batch(local.ndim, axis=1)
@@ -388,7 +390,8 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
         log.info("perf/mfu is null: no known peak for device %r (set perf.peak_tflops)", jax.devices()[0].device_kind)
 
     # --- data loaders
-    train_source = TrainSource(data, seed=t.seed, num_records=total_steps * global_batch)
+    spare = read_ahead(t.dataloader_num_workers)  # decoded, never trained on: see read_ahead
+    train_source = TrainSource(data, seed=t.seed, num_records=(total_steps + spare) * global_batch)
     train_iter = iter(make_loader(train_source, batch_size=global_batch // procs, process_index=me,
                                   process_count=procs, num_workers=t.dataloader_num_workers))
     eval_global = (t.eval_batch_size or t.batch_size) * devices
@@ -410,6 +413,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                               f"accumulation is {meta['global_batch']}")
         start_step, best = meta["step"], meta["best"]
         if not iterator_restored:
+            train_iter.close()
             train_iter = iter(make_loader(train_source, batch_size=global_batch // procs, process_index=me,
                                           process_count=procs, num_workers=t.dataloader_num_workers,
                                           start_batch=start_step))
@@ -466,6 +470,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                 batch = next(train_iter)
                 bad.update(batch)
                 arrays = to_global(batch, layout, accum=t.gradient_accumulation_steps)
+                del batch  # with grain's workers its arrays are shared memory: released now, not at exit
                 new_params, new_opt, measurements = train_step(state["params"], state["frozen"],
                                                                state["opt_state"], arrays)
                 state["params"], state["opt_state"] = new_params, new_opt
@@ -503,6 +508,7 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
                 export_hf(graphdef, best_state, run_dir / "hf_best", config, label_map)
                 log.info("wrote the best classifier (step %d) in HF format to %s", best["step"], run_dir / "hf_best")
     finally:
+        train_iter.close()  # stops grain's worker processes and frees the shared memory of unread batches
         progress.close()
         logger.close()
         ckpt.close()
