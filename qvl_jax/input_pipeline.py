@@ -24,11 +24,12 @@ WORKER_BUFFER = 2  # batches each worker process decodes ahead
 
 
 def read_ahead(num_workers: int, prefetch: int = 4) -> int:
-    """Batches a loader may decode beyond the one the trainer asks for. grain's worker processes leave the
-    shared memory of their last batches behind when the source runs out under them (Python's resource tracker
-    then warns about leaked `shared_memory` objects at exit), so training sources run this much past the
-    last step: the workers never run out, and closing the iterator frees what they decoded ahead."""
-    return prefetch + num_workers * WORKER_BUFFER
+    """A bound on the batches a loader decodes beyond the one the trainer asks for: each worker's read buffer
+    and output queue, and this process's read buffer. grain's worker processes leave the shared memory of
+    their last batches behind when the source runs out under them (Python's resource tracker then warns about
+    leaked `shared_memory` objects at exit), so training sources run this much past the last step: the
+    workers never run out, and closing the iterator frees what they decoded ahead."""
+    return (num_workers + 1) * (prefetch + WORKER_BUFFER)
 
 
 def make_loader(
