@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -239,7 +240,8 @@ class Progress:
 
     `update(step, values)` once per optimizer step, in order; `values` is None for a skipped (non-finite) update.
     Logs `training/*` every `training_log_freq` steps (means over the window) and `perf/*` every `perf_log_freq`
-    steps (the first step after a start, which includes compilation, is not timed).
+    steps (the first step after a start, which includes compilation, is not timed, nor is the time spent under
+    `paused()`: evaluation and checkpoints).
     """
 
     def __init__(self, logger, freq, *, total_steps: int, start_step: int, global_batch: int, epoch_length: int,
@@ -294,6 +296,15 @@ class Progress:
             self.timing = {"time": 0.0, "steps": 0}
         if self.bar is not None and step % min(self.freq.training_log_freq, self.freq.perf_log_freq) == 0:
             self.bar.set_postfix(self.shown, refresh=False)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Work between two steps that is not training (evaluation, checkpoints): left out of `perf/*`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tick += time.perf_counter() - start
 
     def close(self) -> None:
         if self.bar is not None:

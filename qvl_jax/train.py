@@ -427,8 +427,9 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
         saved_at[0] = step
         meta = {"step": step, "best": best, "label_map": label_map.to_json(), "config": config.to_dict(),
                 "total_steps": total_steps, "global_batch": global_batch}
-        ckpt.save(step, state, train_iter, meta, accuracy=None if eval_metrics is None
-                  else eval_metrics["eval/overall_accuracy"])
+        with progress.paused():
+            ckpt.save(step, state, train_iter, meta, accuracy=None if eval_metrics is None
+                      else eval_metrics["eval/overall_accuracy"])
 
     # --- the loop
     logger = MetricsLogger(run_dir, config=config.to_dict(), wandb_cfg=config.monitor.wandb, enabled=me == 0,
@@ -454,7 +455,8 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
 
     def run_eval(at_step: int) -> dict[str, float]:
         nonlocal best
-        metrics = evaluate(state, eval_step, data, eval_sources, layout, config, at_step, run_dir).metrics()
+        with progress.paused():
+            metrics = evaluate(state, eval_step, data, eval_sources, layout, config, at_step, run_dir).metrics()
         if metrics["eval/overall_accuracy"] > best["accuracy"]:
             best = {"accuracy": metrics["eval/overall_accuracy"], "step": at_step}
         metrics["best_overall_accuracy"] = best["accuracy"]

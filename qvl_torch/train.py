@@ -341,12 +341,13 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
         saved_at[0] = step
         client = {"step": step, "best": best, "label_map": label_map.to_json(), "config": config.to_dict(),
                   "global_batch": global_batch, "total_steps": total_steps}
-        engine.save_checkpoint(str(checkpoints), tag=str(step), client_state=client)
-        if rank == 0:
-            if best["step"] is not None:
-                (checkpoints / "best.json").write_text(json.dumps(best) + "\n")
-            _prune(checkpoints, config.output.keep_checkpoints, best["step"])
-        dist.barrier()
+        with progress.paused():
+            engine.save_checkpoint(str(checkpoints), tag=str(step), client_state=client)
+            if rank == 0:
+                if best["step"] is not None:
+                    (checkpoints / "best.json").write_text(json.dumps(best) + "\n")
+                _prune(checkpoints, config.output.keep_checkpoints, best["step"])
+            dist.barrier()
 
     def evaluate(step: int) -> dict[str, float]:
         engine.eval()
@@ -421,7 +422,8 @@ def run(config: RunConfig, *, deepspeed_config: str | None = None, resume_from: 
                                 if finite else None)
                 evaluated = False
                 if eval_sources and (step % freq.eval_log_freq == 0 or step == total_steps):
-                    last_eval = evaluate(step)
+                    with progress.paused():
+                        last_eval = evaluate(step)
                     if last_eval["eval/overall_accuracy"] > best["accuracy"]:
                         best = {"accuracy": last_eval["eval/overall_accuracy"], "step": step}
                     last_eval.update(best_overall_accuracy=best["accuracy"], best_model_step=best["step"])

@@ -264,3 +264,33 @@ def test_hub_name_without_hub_is_a_clear_error(tmp_path):
     config["model"] = {"pretrained_name": "qvl-tests/no-such-model"}
     with pytest.raises(CheckpointError, match="no-such-model is not a local directory and could not be fetched"):
         _run(tmp_path, config)
+
+
+def test_perf_metrics_leave_out_the_first_step_evaluation_and_checkpoints(monkeypatch):
+    from qvl_core import runs
+    from qvl_core.config import FreqConfig
+
+    now = [0.0]
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: now[0])
+
+    class Logger:
+        def __init__(self):
+            self.records = []
+
+        def log(self, step, values):
+            self.records.append((step, values))
+
+    logger = Logger()
+    progress = runs.Progress(logger, FreqConfig(training_log_freq=1, eval_log_freq=2, perf_log_freq=2), total_steps=6,
+                             start_step=0, global_batch=4, epoch_length=100, lr_at=lambda s: 0.1, step_flops=1e9,
+                             devices=1, peak=None, memory_gb=lambda: 0.0, show_bar=False)
+    values = {"loss": 1.0, "accuracy": 0.5, "grad_norm": 1.0}
+    for step, seconds in enumerate([30.0, 2.0, 2.0, 2.0, 2.0, 2.0], start=1):  # step 1 compiles
+        now[0] += seconds
+        progress.update(step, values)
+        if step == 3:
+            with progress.paused():  # an evaluation and a checkpoint between steps 3 and 4
+                now[0] += 50.0
+    perf = [(step, v["perf/step_time"], v["perf/samples_per_second"]) for step, v in logger.records
+            if "perf/step_time" in v]
+    assert perf == [(2, 2.0, 2.0), (4, 2.0, 2.0), (6, 2.0, 2.0)]
