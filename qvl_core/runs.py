@@ -257,10 +257,15 @@ class Progress:
         self.timing = {"time": 0.0, "steps": 0}
         self.shown: dict[str, str] = {}
         self.bar = None
+        self._open = contextlib.ExitStack()
         if show_bar:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = self._open.enter_context(tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                                                     dynamic_ncols=True))
+            # Log lines go above the bar instead of onto its line.
+            self._open.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
         self.tick = time.perf_counter()
 
     def update(self, step: int, values: dict | None) -> None:
@@ -307,5 +312,4 @@ class Progress:
             self.tick += time.perf_counter() - start
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._open.close()
