@@ -20,10 +20,11 @@ def _absl_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-WORKER_BUFFER = 2  # batches each worker process decodes ahead
+READ_BUFFER = 4  # batches a read pipeline (here or in a worker) decodes ahead: make_loader's default prefetch
+WORKER_BUFFER = 2  # batches each worker process queues for this one
 
 
-def read_ahead(num_workers: int, prefetch: int = 4) -> int:
+def read_ahead(num_workers: int, prefetch: int = READ_BUFFER) -> int:
     """A bound on the batches a loader decodes beyond the one the trainer asks for: each worker's read buffer
     and output queue, and this process's read buffer. grain's worker processes leave the shared memory of
     their last batches behind when the source runs out under them (Python's resource tracker then warns about
@@ -40,7 +41,7 @@ def make_loader(
     process_count: int = 1,
     num_workers: int = 0,
     num_threads: int = 2,
-    prefetch: int = 4,
+    prefetch: int = READ_BUFFER,
     drop_remainder: bool = True,
     start_batch: int = 0,
 ) -> grain.IterDataset:
@@ -67,5 +68,6 @@ def make_loader(
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
     if num_workers > 0:
         _absl_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER))
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER)
+        it = it.mp_prefetch(options)
     return it

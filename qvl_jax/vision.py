@@ -52,17 +52,17 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         self.proj = _linear(cfg.initializer_range, cfg.patch_dim, cfg.hidden_size, False, opts, rngs)
-        self.channels, self.frames = cfg.in_channels, cfg.temporal_patch_size
+        self.channels, self.frames, self.frame_dim = cfg.in_channels, cfg.temporal_patch_size, cfg.frame_dim
 
     def __call__(self, pixel_values):  # [B, N, C*T*P*P] or [B, N, C*P*P] -> [B, N, D]
-        width, full = pixel_values.shape[-1], self.proj.in_features
-        if width == full:
+        width = pixel_values.shape[-1]
+        if width == self.proj.in_features:
             return self.proj(pixel_values)
-        if width * self.frames != full:
-            raise ValueError(f"pixel_values rows have {width} values; the patch embedding takes {full} "
-                             f"(C*T*P*P) or one frame of {full // self.frames} (C*P*P)")
+        if width != self.frame_dim:
+            raise ValueError(f"pixel_values rows have {width} values; the patch embedding takes "
+                             f"{self.proj.in_features} (C*T*P*P) or one frame of {self.frame_dim} (C*P*P)")
         kernel = self.proj.kernel[...].reshape(self.channels, self.frames, -1, self.proj.out_features)
-        return matmul(pixel_values, kernel.astype(jnp.float32).sum(1).reshape(width, -1))
+        return matmul(pixel_values, kernel.astype(jnp.float32).sum(1).reshape(self.frame_dim, -1))
 
 
 class VisionMLP(nnx.Module):

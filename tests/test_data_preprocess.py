@@ -106,6 +106,6 @@ def test_uint8_patches_expand_to_the_processor_pixel_values():
     # On the device: the jnp twin, and the one frame per patch that the JAX trainers feed the vision tower.
     from qvl_jax.pixels import expand_patches as expand_on_device, frame_values
     np.testing.assert_array_equal(np.asarray(expand_on_device(patches[None]))[0], ref)
-    frame = ref.reshape(len(ref), 3, 2, 14 * 14)[:, :, 0].reshape(len(ref), -1)
-    assert np.array_equal(ref.reshape(len(ref), 3, 2, -1)[:, :, 1], ref.reshape(len(ref), 3, 2, -1)[:, :, 0])
-    np.testing.assert_array_equal(np.asarray(frame_values(patches[None]))[0], frame)
+    copies = ref.reshape(len(ref), 3, 2, 14 * 14)  # (C, T, P*P): the processor repeats the frame over T
+    assert np.array_equal(copies[:, :, 0], copies[:, :, 1])
+    np.testing.assert_array_equal(np.asarray(frame_values(patches[None]))[0], copies[:, :, 0].reshape(len(ref), -1))
