@@ -83,7 +83,9 @@ def _gpu_visible() -> bool:
     return jax.devices()[0].platform != "cpu"
 
 
-def bench_jax(config, steps: int, warmup: int) -> dict:
+def jax_step(config, tx=None) -> dict:
+    """The JAX trainer's step on random weights and a random batch, compiled: `compiled(params, frozen,
+    opt_state, batch)`. `tx` replaces the config's optimizer (parity_tests/ceiling.py swaps in SGD)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -100,7 +102,8 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
     layout = sharding_lib.Layout(sharding_lib.make_mesh(jax.devices()[:1]), "dp")
     model = QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0))
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
-    tx, _ = make_optimizer(config, params, total_steps=1000)
+    if tx is None:
+        tx, _ = make_optimizer(config, params, total_steps=1000)
     param_sh = jax.tree.map(lambda x: layout.replicated(), params)
     opt_state = tx.init(params)
     opt_sh = jax.tree.map(lambda x: layout.replicated(), opt_state)
@@ -122,6 +125,15 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
     # count comes from the same step lowered over the whole batch at once (lowered only, not compiled).
     cost = (compiled if accum == 1 else lower(1)[0]).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    return {"compiled": compiled, "params": params, "frozen": frozen, "opt_state": opt_state, "batch": batch,
+            "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind}
+
+
+def bench_jax(config, steps: int, warmup: int) -> dict:
+    import jax
+
+    s = jax_step(config)
+    compiled, params, frozen, opt_state, batch = (s[k] for k in ("compiled", "params", "frozen", "opt_state", "batch"))
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -130,9 +142,9 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {"step_times": times, "xla_flops": float(cost.get("flops", float("nan"))),
+    return {"step_times": times, "xla_flops": s["xla_flops"],
             "peak_memory_gb": stats.get("peak_bytes_in_use", float("nan")) / 1e9 if stats else None,
-            "device": jax.devices()[0].device_kind}
+            "device": s["device"]}
 
 
 def bench_torch(config, steps: int, warmup: int) -> dict:

@@ -73,3 +73,27 @@ def test_bench_names_a_bad_config_instead_of_a_traceback(capsys):
     assert main(["--config", "configs/bench_3b.yaml", "--set", "model.config.text_config.vocab_size=512"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model.config: image_token_id 151655") and "vocab_size 512" in err
+
+
+def test_ceiling_times_the_step_and_its_stand_ins(tmp_path, capsys):
+    from parity_tests.ceiling import main as ceiling
+
+    out = tmp_path / "ceiling.json"
+    assert ceiling(["--config", "configs/bench_small.yaml", "--rounds", "2", "--json", str(out),
+                    "--set", "data.image_size=56", "--set", "training.batch_size=2",
+                    "--set", "model.config.vision_config.depth=2",
+                    "--set", "model.config.vision_config.fullatt_block_indexes=[1]",
+                    "--set", "model.config.text_config.num_hidden_layers=1"]) == 0
+    result = json.loads(out.read_text())
+    v = result["variants"]
+    assert list(v) == ["step", "no_attn", "no_adamw", "neither"]
+    # Each stand-in took effect: it removes work XLA counts (the attention matmuls; AdamW's and the clipping's
+    # element-wise FLOPs).
+    assert v["neither"]["xla_flops"] < min(v["no_attn"]["xla_flops"], v["no_adamw"]["xla_flops"])
+    assert max(v["no_attn"]["xla_flops"], v["no_adamw"]["xla_flops"]) < v["step"]["xla_flops"]
+    for r in v.values():
+        assert r["step_time_s"] > 0 and 0 < r["mfu"] < 1
+        # MFU counts the full step's model FLOPs against every variant's time.
+        assert abs(r["mfu"] * r["step_time_s"] * result["peak_tflops"] * 1e12 - result["analytic_flops_per_step"]) \
+            < 1e-6 * result["analytic_flops_per_step"]
+    assert "75% of the peak needs a step of" in capsys.readouterr().out

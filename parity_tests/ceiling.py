@@ -1,0 +1,139 @@
+"""How close the JAX training step can come to the matmul peak: the bench's step, and the same step with
+attention's core and/or the optimizer replaced by cheap stand-ins, timed interleaved in one process.
+
+    python -m parity_tests.ceiling --config configs/bench_small.yaml [--rounds N] [--json OUT]
+
+Variants (same model, parameters and batch):
+
+    step      the trainer's step: forward, backward, gradient clipping + AdamW
+    no_attn   attention's core (scores, softmax, the product with V, and their gradients) replaced by
+              `q + k + v`, element-wise; the projections, rotary and everything else stay
+    no_adamw  clipping + AdamW replaced by plain SGD (one pass over the parameters and gradients)
+    neither   both stand-ins
+
+MFU is the full step's analytic model FLOPs (as in `parity_tests.bench`) over a variant's median time: for a
+stand-in variant, the MFU the step would reach if the part it replaces took no time at all. A round runs each
+variant for 3 steps, in alternating order, so a slow minute on a shared machine lands on all of them. Meant for
+the XLA attention path (a CPU; on a GPU pass `--set training.memory_efficient_attention=false`): if the attention
+stand-in changes nothing in the compiled step, this stops with an error instead of reporting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from unittest import mock
+
+import numpy as np
+
+from parity_tests import bench
+from qvl_core import flops as flops_lib
+from qvl_core import hostmem
+from qvl_core.config import load_config
+from qvl_core.model_config import ConfigError
+from qvl_core.schema import SchemaError
+
+VARIANTS = ("step", "no_attn", "no_adamw", "neither")
+STEPS_PER_ROUND = 3
+
+
+def _elementwise_attention(q, k, v, is_causal, kv_lengths):
+    """Stands in for `qvl_jax.attention._xla_attention`: same shapes and dependencies, no matmul, no softmax."""
+    import jax.numpy as jnp
+
+    g = q.shape[2] // k.shape[2]
+    return q + jnp.repeat(k, g, axis=2) + jnp.repeat(v, g, axis=2)
+
+
+def build(config, variant: str) -> dict:
+    import optax
+
+    from qvl_jax import attention
+
+    tx = optax.sgd(1e-4) if variant in ("no_adamw", "neither") else None
+    if variant in ("no_attn", "neither"):
+        with mock.patch.object(attention, "_xla_attention", _elementwise_attention):
+            return bench.jax_step(config, tx=tx)
+    return bench.jax_step(config, tx=tx)
+
+
+def run(config, rounds: int) -> dict:
+    import jax
+
+    steps = {name: build(config, name) for name in VARIANTS}
+    if not steps["no_attn"]["xla_flops"] < steps["step"]["xla_flops"]:
+        raise RuntimeError("the attention stand-in did not change the compiled step (is attention running through "
+                           "cuDNN? set training.memory_efficient_attention=false)")
+    state = {name: (s["params"], s["opt_state"]) for name, s in steps.items()}
+    times = {name: [] for name in VARIANTS}
+    for r in range(rounds):
+        for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            s = steps[name]
+            params, opt_state = state[name]
+            for _ in range(STEPS_PER_ROUND):
+                t0 = time.perf_counter()
+                params, opt_state, m = s["compiled"](params, s["frozen"], opt_state, s["batch"])
+                jax.block_until_ready(m["loss"])
+                times[name].append(time.perf_counter() - t0)
+            state[name] = params, opt_state
+    # The first round includes each executable's first run.
+    return {name: {"step_times": t[STEPS_PER_ROUND:] or t, "xla_flops": steps[name]["xla_flops"],
+                   "device": steps[name]["device"]} for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity_tests.ceiling", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/bench_small.yaml")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the first round is warm-up)")
+    try:
+        config = load_config(args.config, args.set)
+        cfg = bench._model_config(config)
+    except (SchemaError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    batch = bench._global_batch(config)
+    model_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
+    on_gpu = bench._gpu_visible()
+    before = None if on_gpu else bench.matmul_peak_tflops()
+    results = run(config, args.rounds)
+    device = results["step"]["device"]
+    if on_gpu:
+        peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
+        peak_source = "datasheet bf16 dense peak" if peak else "unknown peak"
+    else:
+        measured = {k: max(v, before[k]) for k, v in bench.matmul_peak_tflops().items()}
+        peak = max(measured.values())
+        peak_source = f"measured float32 matmul peak (jax {measured['jax']:.3f}, torch {measured['torch']:.3f} TFLOP/s)"
+    out = {"device": device, "peak_tflops": peak, "peak_source": peak_source, "batch": batch,
+           "analytic_flops_per_step": model_flops, "rounds": args.rounds, "variants": {}}
+    print(f"device: {device}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")
+    print(f"model FLOPs per step (analytic): {model_flops:.4g}; batch {batch}; "
+          f"{args.rounds - 1} timed rounds x {STEPS_PER_ROUND} steps per variant")
+    print(f"{'variant':9} {'median ms':>9} {'p25 ms':>7} {'XLA GFLOP':>9} {'MFU':>6}")
+    for name, r in results.items():
+        t = np.asarray(r["step_times"])
+        median = statistics.median(t)
+        mfu = model_flops / median / (peak * 1e12) if peak else None
+        out["variants"][name] = {"step_time_s": median, "p25_step_time_s": float(np.percentile(t, 25)),
+                                 "xla_flops": r["xla_flops"], "mfu": mfu}
+        print(f"{name:9} {median * 1e3:9.1f} {np.percentile(t, 25) * 1e3:7.1f} {r['xla_flops'] / 1e9:9.2f} "
+              f"{'n/a' if mfu is None else f'{mfu:.1%}':>6}")
+    if peak:
+        print(f"75% of the peak needs a step of {model_flops / (0.75 * peak * 1e12) * 1e3:.1f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    hostmem.use_huge_page_malloc()
+    raise SystemExit(main())
