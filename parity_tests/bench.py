@@ -85,7 +85,8 @@ def _gpu_visible() -> bool:
 
 def jax_step(config, tx=None) -> dict:
     """The JAX trainer's step on random weights and a random batch, compiled: `compiled(params, frozen,
-    opt_state, batch)`. `tx` replaces the config's optimizer (parity_tests/ceiling.py swaps in SGD)."""
+    opt_state, batch)` (and `step`, the jitted function it came from). `tx` replaces the config's optimizer
+    (parity_tests/ceiling.py swaps in SGD)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -116,17 +117,17 @@ def jax_step(config, tx=None) -> dict:
         batch = {"patches": jnp.asarray(patches.reshape(accum, -1, *patches.shape[1:])),
                  "label": jnp.asarray(labels.reshape(accum, -1)),
                  "valid": jnp.ones((accum, len(labels) // accum), bool)}
-        return step.lower(params, frozen, opt_state, batch), batch
+        return step, step.lower(params, frozen, opt_state, batch), batch
 
     accum = t.gradient_accumulation_steps
-    lowered, batch = lower(accum)
+    step_fn, lowered, batch = lower(accum)
     compiled = lowered.compile()
     # XLA's cost analysis counts a loop body once, so with accumulation (a scan over the micro-batches) the
     # count comes from the same step lowered over the whole batch at once (lowered only, not compiled).
-    cost = (compiled if accum == 1 else lower(1)[0]).cost_analysis()
+    cost = (compiled if accum == 1 else lower(1)[1]).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"compiled": compiled, "params": params, "frozen": frozen, "opt_state": opt_state, "batch": batch,
-            "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind}
+    return {"compiled": compiled, "step": step_fn, "params": params, "frozen": frozen, "opt_state": opt_state,
+            "batch": batch, "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind}
 
 
 def bench_jax(config, steps: int, warmup: int) -> dict:

@@ -11,6 +11,10 @@ Variants (same model, parameters and batch):
     no_adamw  clipping + AdamW replaced by plain SGD (one pass over the parameters and gradients)
     neither   both stand-ins
 
+Then every matmul of the step (each `dot_general` of its jaxpr: forward, backward, attention) is run alone at its
+own shapes and the times summed: the step's matmul time at the rates the matmul library reaches one call at a
+time, with nothing else in the step.
+
 MFU is the full step's analytic model FLOPs (as in `parity_tests.bench`) over a variant's median time: for a
 stand-in variant, the MFU the step would reach if the part it replaces took no time at all. A round runs each
 variant for 3 steps, in alternating order, so a slow minute on a shared machine lands on all of them. Meant for
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -60,6 +65,57 @@ def build(config, variant: str) -> dict:
     return bench.jax_step(config, tx=tx)
 
 
+def _dots(jaxpr, times: int = 1):
+    """`(eqn, count)` of every `dot_general` in `jaxpr` and the jaxprs inside it (a scan's body `length` times)."""
+    from jax.extend import core
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn, times
+        inner_times = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, core.ClosedJaxpr):
+                    yield from _dots(sub.jaxpr, inner_times)
+                elif isinstance(sub, core.Jaxpr):
+                    yield from _dots(sub, inner_times)
+
+
+def _dot_flops(lhs, rhs, dimension_numbers) -> int:
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    lhs_free = math.prod(d for i, d in enumerate(lhs) if i not in lhs_contract + lhs_batch)
+    rhs_free = math.prod(d for i, d in enumerate(rhs) if i not in rhs_contract + rhs_batch)
+    return 2 * math.prod(lhs[i] for i in lhs_batch + lhs_contract) * lhs_free * rhs_free
+
+
+def matmuls_alone(step, args, repeats: int = 10) -> dict:
+    """The step's matmuls, each run alone (jitted, median of `repeats`) at its shapes, summed over the step."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    groups: dict[tuple, int] = {}
+    for eqn, count in _dots(jax.make_jaxpr(step)(*args).jaxpr):
+        lhs, rhs = (v.aval for v in eqn.invars)
+        key = (lhs.shape, lhs.dtype, rhs.shape, rhs.dtype, eqn.params["dimension_numbers"],
+               eqn.params["precision"], eqn.params["preferred_element_type"])
+        groups[key] = groups.get(key, 0) + count
+    total_time = total_flops = 0.0
+    for (lshape, ldtype, rshape, rdtype, dims, precision, out_dtype), count in groups.items():
+        dot = jax.jit(lambda a, b, dims=dims, precision=precision, out_dtype=out_dtype: lax.dot_general(
+            a, b, dims, precision=precision, preferred_element_type=out_dtype))
+        a, b = jnp.ones(lshape, ldtype), jnp.ones(rshape, rdtype)
+        dot(a, b).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dot(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        total_time += count * statistics.median(times)
+        total_flops += count * _dot_flops(lshape, rshape, dims)
+    return {"time_s": total_time, "flops": total_flops, "count": sum(groups.values()), "shapes": len(groups)}
+
+
 def run(config, rounds: int) -> dict:
     import jax
 
@@ -67,6 +123,8 @@ def run(config, rounds: int) -> dict:
     if not steps["no_attn"]["xla_flops"] < steps["step"]["xla_flops"]:
         raise RuntimeError("the attention stand-in did not change the compiled step (is attention running through "
                            "cuDNN? set training.memory_efficient_attention=false)")
+    first = steps["step"]
+    alone = matmuls_alone(first["step"], (first["params"], first["frozen"], first["opt_state"], first["batch"]))
     state = {name: (s["params"], s["opt_state"]) for name, s in steps.items()}
     times = {name: [] for name in VARIANTS}
     for r in range(rounds):
@@ -80,8 +138,8 @@ def run(config, rounds: int) -> dict:
                 times[name].append(time.perf_counter() - t0)
             state[name] = params, opt_state
     # The first round includes each executable's first run.
-    return {name: {"step_times": t[STEPS_PER_ROUND:] or t, "xla_flops": steps[name]["xla_flops"],
-                   "device": steps[name]["device"]} for name, t in times.items()}
+    return {name: {"step_times": t[STEPS_PER_ROUND:], "xla_flops": steps[name]["xla_flops"],
+                   "device": steps[name]["device"]} for name, t in times.items()}, alone
 
 
 def main(argv=None) -> int:
@@ -103,7 +161,7 @@ def main(argv=None) -> int:
     model_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
     on_gpu = bench._gpu_visible()
     before = None if on_gpu else bench.matmul_peak_tflops()
-    results = run(config, args.rounds)
+    results, alone = run(config, args.rounds)
     device = results["step"]["device"]
     if on_gpu:
         peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
@@ -126,6 +184,11 @@ def main(argv=None) -> int:
                                  "xla_flops": r["xla_flops"], "mfu": mfu}
         print(f"{name:9} {median * 1e3:9.1f} {np.percentile(t, 25) * 1e3:7.1f} {r['xla_flops'] / 1e9:9.2f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6}")
+    mfu = model_flops / alone["time_s"] / (peak * 1e12) if peak else None
+    out["matmuls_alone"] = {**alone, "mfu": mfu}
+    print(f"the step's {alone['count']} matmuls ({alone['shapes']} shapes, {alone['flops'] / 1e9:.2f} GFLOP), each "
+          f"alone: {alone['time_s'] * 1e3:.1f} ms summed, {alone['flops'] / alone['time_s'] / 1e12:.3f} TFLOP/s"
+          + ("" if mfu is None else f"; MFU {mfu:.1%}"))
     if peak:
         print(f"75% of the peak needs a step of {model_flops / (0.75 * peak * 1e12) * 1e3:.1f} ms")
     if args.json:

@@ -96,4 +96,9 @@ def test_ceiling_times_the_step_and_its_stand_ins(tmp_path, capsys):
         # MFU counts the full step's model FLOPs against every variant's time.
         assert abs(r["mfu"] * r["step_time_s"] * result["peak_tflops"] * 1e12 - result["analytic_flops_per_step"]) \
             < 1e-6 * result["analytic_flops_per_step"]
+    # The matmuls timed alone are every dot of the step: their FLOPs are the model's (the analytic count leaves out
+    # only the loss head's last few), and close to what XLA counts for the whole step.
+    alone = result["matmuls_alone"]
+    assert 0.97 < alone["flops"] / result["analytic_flops_per_step"] < 1.03
+    assert alone["flops"] < v["step"]["xla_flops"] and alone["time_s"] > 0 and alone["count"] >= alone["shapes"] > 1
     assert "75% of the peak needs a step of" in capsys.readouterr().out
