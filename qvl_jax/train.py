@@ -253,11 +253,13 @@ def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum
 
 def to_global(batch: dict, layout, *, accum: int | None) -> dict:
     """A process-local numpy batch -> global arrays split over `data` (keys the model needs only)."""
+    # On a CPU a global array may alias the numpy buffer it was made from (an aligned one), which for a batch from
+    # grain's workers is shared memory that would then outlive the loader: copied there. An accelerator copies
+    # the batch to its memory anyway.
+    copy = layout.mesh.devices.flat[0].platform == "cpu"
     out = {}
     for key in ("patches", "label", "valid"):
-        # A copy: on a CPU the global array may alias the numpy buffer, which for a batch from grain's workers is
-        # shared memory that would then outlive the loader.
-        local = np.array(batch[key])
+        local = np.array(batch[key]) if copy else np.asarray(batch[key])
         if accum is not None:
             local = local.reshape(accum, -1, *local.shape[1:])
             sharding = layout.batch(local.ndim, axis=1)

@@ -294,3 +294,20 @@ def test_perf_metrics_leave_out_the_first_step_evaluation_and_checkpoints(monkey
     perf = [(step, v["perf/step_time"], v["perf/samples_per_second"]) for step, v in logger.records
             if "perf/step_time" in v]
     assert perf == [(2, 2.0, 2.0), (4, 2.0, 2.0), (6, 2.0, 2.0)]
+
+
+def test_global_batch_on_a_cpu_does_not_alias_the_loader_buffers():
+    # grain's worker batches are shared memory: a global array viewing them would keep them alive past the loader.
+    from qvl_jax import sharding
+    from qvl_jax.train import to_global
+
+    layout = sharding.Layout(sharding.make_mesh(jax.devices()[:1]), "dp")
+    batch = {"patches": np.zeros((4, 16, 588), np.float32), "label": np.arange(4, dtype=np.int32),
+             "valid": np.ones(4, bool), "path": np.array(["a", "b", "c", "d"])}
+    arrays = to_global(batch, layout, accum=2)
+    assert sorted(arrays) == ["label", "patches", "valid"] and arrays["patches"].shape == (2, 2, 16, 588)
+    for value in batch.values():
+        value[...] = value[::-1]  # overwrite the loader's buffers
+    batch["patches"][...] = 7
+    np.testing.assert_array_equal(np.asarray(arrays["patches"]), 0)
+    np.testing.assert_array_equal(np.asarray(arrays["label"]), [[0, 1], [2, 3]])
