@@ -27,6 +27,8 @@ print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':
 for name, r in (("jax", j["jax"]), ("torch", t["torch"])):
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     mem = "n/a" if r.get("peak_memory_gb") is None else f"{r['peak_memory_gb']:.1f}"
+    if r.get("memory_limit_gb"):
+        mem += f" / {r['memory_limit_gb']:.0f}"
     print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.1f} {mfu:>6} {mem:>11}")
 print(f"JAX / PyTorch samples/s: {j['jax']['samples_per_second'] / t['torch']['samples_per_second']:.2f}x")
 PY

@@ -145,7 +145,7 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     return {"step_times": times, "xla_flops": s["xla_flops"],
             "peak_memory_gb": stats.get("peak_bytes_in_use", float("nan")) / 1e9 if stats else None,
-            "device": s["device"]}
+            "memory_limit_gb": stats["bytes_limit"] / 1e9 if "bytes_limit" in stats else None, "device": s["device"]}
 
 
 def bench_torch(config, steps: int, warmup: int) -> dict:
@@ -192,9 +192,10 @@ def bench_torch(config, steps: int, warmup: int) -> dict:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"step_times": times, "peak_memory_gb": peak, "device": name, "attention": attention}
+    cuda = device.type == "cuda"
+    return {"step_times": times, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+            "memory_limit_gb": torch.cuda.get_device_properties(device).total_memory / 1e9 if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "attention": attention}
 
 
 def main(argv=None) -> int:
@@ -261,6 +262,8 @@ def main(argv=None) -> int:
     print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}")
     for name, r in results.items():
         mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
+        if r["memory_limit_gb"]:
+            mem += f" / {r['memory_limit_gb']:.0f}"
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.3f} {mfu:>6} "
               f"{mem:>11}")

@@ -22,6 +22,7 @@ def test_bench_reports_both_frameworks(tmp_path, capsys):
         r = result[name]
         assert abs(r["samples_per_second"] * r["step_time_s"] - 3) < 1e-9
         assert r["samples_per_second"] > 0 and r["step_time_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["memory_limit_gb"] is None  # the card's memory, on a GPU
     assert result["peak_source"].startswith("measured float32 matmul peak")
     # XLA's count covers the whole step (AdamW and element-wise work too): above the model FLOPs here, where
     # the images are tiny; tests/test_flops.py holds the model-FLOP agreement.
