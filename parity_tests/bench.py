@@ -77,6 +77,20 @@ def matmul_peak_tflops(sizes: tuple[int, ...] = (1024, 1536, 2048), repeats: int
     return out
 
 
+def device_peak(device: str | None, config, cpu_before: dict[str, float] | None = None) -> tuple[float | None, str]:
+    """`(peak TFLOP/s, where it comes from)` for MFU. `device` None: this CPU's float32 matmul peak, measured now
+    (and `cpu_before`, a measurement from before the steps: the higher kept). Else the accelerator's datasheet
+    peak (`perf.peak_tflops` overrides it)."""
+    if device is None:
+        measured = matmul_peak_tflops()
+        if cpu_before:
+            measured = {k: max(v, cpu_before[k]) for k, v in measured.items()}
+        return max(measured.values()), (f"measured float32 matmul peak (jax {measured['jax']:.3f}, "
+                                        f"torch {measured['torch']:.3f} TFLOP/s)")
+    peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
+    return peak, "datasheet bf16 dense peak" if peak else "unknown peak"
+
+
 def _gpu_visible() -> bool:
     import jax
 
@@ -229,15 +243,7 @@ def main(argv=None) -> int:
         results[name] = {"samples_per_second": batch / median, "step_time_s": median,
                          "tflops": step_flops / median / 1e12, **r}
     on_cpu = device is None or "cpu" in str(device).lower()
-    if on_cpu:
-        measured = matmul_peak_tflops()
-        if cpu_peak_before:
-            measured = {k: max(v, cpu_peak_before[k]) for k, v in measured.items()}
-        peak, peak_source = max(measured.values()), f"measured float32 matmul peak (jax {measured['jax']:.3f}, " \
-                                                     f"torch {measured['torch']:.3f} TFLOP/s)"
-    else:
-        peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
-        peak_source = "datasheet bf16 dense peak" if peak else "unknown peak"
+    peak, peak_source = device_peak(None if on_cpu else device, config, cpu_peak_before)
     for r in results.values():
         r["mfu"] = r["tflops"] / peak if peak else None
     out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if on_cpu else device,

@@ -163,13 +163,7 @@ def main(argv=None) -> int:
     before = None if on_gpu else bench.matmul_peak_tflops()
     results, alone = run(config, args.rounds)
     device = results["step"]["device"]
-    if on_gpu:
-        peak = flops_lib.peak_tflops(device, config.perf.peak_tflops)
-        peak_source = "datasheet bf16 dense peak" if peak else "unknown peak"
-    else:
-        measured = {k: max(v, before[k]) for k, v in bench.matmul_peak_tflops().items()}
-        peak = max(measured.values())
-        peak_source = f"measured float32 matmul peak (jax {measured['jax']:.3f}, torch {measured['torch']:.3f} TFLOP/s)"
+    peak, peak_source = bench.device_peak(device if on_gpu else None, config, before)
     out = {"device": device, "peak_tflops": peak, "peak_source": peak_source, "batch": batch,
            "analytic_flops_per_step": model_flops, "rounds": args.rounds, "variants": {}}
     print(f"device: {device}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")
