@@ -91,6 +91,12 @@ def device_peak(device: str | None, config, cpu_before: dict[str, float] | None 
     return peak, "datasheet bf16 dense peak" if peak else "unknown peak"
 
 
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def _gpu_visible() -> bool:
     import jax
 
@@ -275,9 +281,7 @@ def main(argv=None) -> int:
               f"{mem:>11}")
     if "ratio_samples_per_second" in out:
         print(f"JAX / PyTorch samples/s: {out['ratio_samples_per_second']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
     return 0
 
 

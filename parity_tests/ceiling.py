@@ -25,7 +25,6 @@ stand-in changes nothing in the compiled step, this stops with an error instead 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -185,9 +184,7 @@ def main(argv=None) -> int:
           + ("" if mfu is None else f"; MFU {mfu:.1%}"))
     if peak:
         print(f"75% of the peak needs a step of {model_flops / (0.75 * peak * 1e12) * 1e3:.1f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    bench.write_json(args.json, out)
     return 0
 
 
