@@ -59,22 +59,25 @@ def matmul_peak_tflops(sizes: tuple[int, ...] = (1024, 1536, 2048), repeats: int
     import jax.numpy as jnp
     import torch
 
-    def best(run, size) -> float:
-        run()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t)
-        return 2 * size**3 / min(times) / 1e12
-
     f = jax.jit(lambda x: x @ x)
     out = {"jax": 0.0, "torch": 0.0}
     for size in sizes:
         a, x = jnp.ones((size, size), jnp.float32), torch.ones(size, size)
-        out["jax"] = max(out["jax"], best(lambda: f(a).block_until_ready(), size))
-        out["torch"] = max(out["torch"], best(lambda: torch.mm(x, x), size))
+        flops = 2 * size**3
+        out["jax"] = max(out["jax"], flops / min(call_times(lambda: f(a).block_until_ready(), repeats)) / 1e12)
+        out["torch"] = max(out["torch"], flops / min(call_times(lambda: torch.mm(x, x), repeats)) / 1e12)
     return out
+
+
+def call_times(run, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `run` (which waits for its result), after one untimed call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def device_peak(device: str | None, config, cpu_before: dict[str, float] | None = None) -> tuple[float | None, str]:

@@ -104,13 +104,7 @@ def matmuls_alone(step, args, repeats: int = 10) -> dict:
         dot = jax.jit(lambda a, b, dims=dims, precision=precision, out_dtype=out_dtype: lax.dot_general(
             a, b, dims, precision=precision, preferred_element_type=out_dtype))
         a, b = jnp.ones(lshape, ldtype), jnp.ones(rshape, rdtype)
-        dot(a, b).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            dot(a, b).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        total_time += count * statistics.median(times)
+        total_time += count * statistics.median(bench.call_times(lambda: dot(a, b).block_until_ready(), repeats))
         total_flops += count * _dot_flops(lshape, rshape, dims)
     return {"time_s": total_time, "flops": total_flops, "count": sum(groups.values()), "shapes": len(groups)}
 
@@ -169,15 +163,18 @@ def main(argv=None) -> int:
     print(f"model FLOPs per step (analytic): {model_flops:.4g}; batch {batch}; "
           f"{args.rounds - 1} timed rounds x {STEPS_PER_ROUND} steps per variant")
     print(f"{'variant':9} {'median ms':>9} {'p25 ms':>7} {'XLA GFLOP':>9} {'MFU':>6}")
+    def mfu_at(seconds: float) -> float | None:
+        return model_flops / seconds / (peak * 1e12) if peak else None
+
     for name, r in results.items():
         t = np.asarray(r["step_times"])
         median = statistics.median(t)
-        mfu = model_flops / median / (peak * 1e12) if peak else None
+        mfu = mfu_at(median)
         out["variants"][name] = {"step_time_s": median, "p25_step_time_s": float(np.percentile(t, 25)),
                                  "xla_flops": r["xla_flops"], "mfu": mfu}
         print(f"{name:9} {median * 1e3:9.1f} {np.percentile(t, 25) * 1e3:7.1f} {r['xla_flops'] / 1e9:9.2f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6}")
-    mfu = model_flops / alone["time_s"] / (peak * 1e12) if peak else None
+    mfu = mfu_at(alone["time_s"])
     out["matmuls_alone"] = {**alone, "mfu": mfu}
     print(f"the step's {alone['count']} matmuls ({alone['shapes']} shapes, {alone['flops'] / 1e9:.2f} GFLOP), each "
           f"alone: {alone['time_s'] * 1e3:.1f} ms summed, {alone['flops'] / alone['time_s'] / 1e12:.3f} TFLOP/s"
