@@ -63,3 +63,9 @@ class Linear(nnx.Linear):
         lead = x.shape[:-1]
         y = super().__call__(x.reshape(-1, x.shape[-1]))
         return y.reshape(*lead, y.shape[-1]).astype(self.dtype or x.dtype)
+
+
+def dense(d_in: int, d_out: int, *, bias: bool, init_std: float, opts, rngs: nnx.Rngs) -> Linear:
+    """A `Linear` as the model files declare theirs: normal(init_std) kernel, `opts`' dtypes (RuntimeOptions)."""
+    return Linear(d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(init_std), rngs=rngs,
+                  **opts.linear_kwargs())

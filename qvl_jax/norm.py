@@ -23,3 +23,8 @@ class RMSNorm(nnx.RMSNorm):
         # In float32 the cast is a no-op and this is exactly nnx.RMSNorm (whose fused
         # statistics XLA:CPU runs ~1.7x faster than a hand-written mean of squares).
         return super().__call__(x.astype(jnp.float32), mask).astype(self.dtype or x.dtype)
+
+
+def rms_norm(dim: int, eps: float, opts, rngs: nnx.Rngs) -> RMSNorm:
+    """An `RMSNorm` in `opts`' dtypes (RuntimeOptions)."""
+    return RMSNorm(dim, epsilon=eps, rngs=rngs, **opts.linear_kwargs())

@@ -7,9 +7,10 @@ from flax import nnx
 
 from qvl_core.model_config import QwenVLConfig, TextConfig
 from qvl_jax.attention import dot_product_attention
+from qvl_jax.linear import dense
+from qvl_jax.norm import rms_norm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, mrope_cos_sin
-from qvl_jax.vision import _linear, _rms_norm
 
 
 class TextAttention(nnx.Module):
@@ -18,10 +19,10 @@ class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         init, d, hd = cfg.initializer_range, cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = _linear(init, d, self.num_heads * hd, True, opts, rngs)
-        self.k_proj = _linear(init, d, self.num_kv_heads * hd, True, opts, rngs)
-        self.v_proj = _linear(init, d, self.num_kv_heads * hd, True, opts, rngs)
-        self.o_proj = _linear(init, self.num_heads * hd, d, False, opts, rngs)
+        self.q_proj = dense(d, self.num_heads * hd, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.k_proj = dense(d, self.num_kv_heads * hd, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.v_proj = dense(d, self.num_kv_heads * hd, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.o_proj = dense(self.num_heads * hd, d, bias=False, init_std=init, opts=opts, rngs=rngs)
         self.requested = opts.attention
 
     def __call__(self, x, cos, sin, kv_lengths):  # x [B, L, D]
@@ -37,9 +38,9 @@ class TextAttention(nnx.Module):
 class TextMLP(nnx.Module):
     def __init__(self, cfg: TextConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         init, d, f = cfg.initializer_range, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(init, d, f, False, opts, rngs)
-        self.up_proj = _linear(init, d, f, False, opts, rngs)
-        self.down_proj = _linear(init, f, d, False, opts, rngs)
+        self.gate_proj = dense(d, f, bias=False, init_std=init, opts=opts, rngs=rngs)
+        self.up_proj = dense(d, f, bias=False, init_std=init, opts=opts, rngs=rngs)
+        self.down_proj = dense(f, d, bias=False, init_std=init, opts=opts, rngs=rngs)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
@@ -48,8 +49,8 @@ class TextMLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
-        self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
-        self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
+        self.input_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
+        self.post_attention_layernorm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
         self.self_attn = TextAttention(cfg, opts, rngs)
         self.mlp = TextMLP(cfg, opts, rngs)
 
@@ -69,7 +70,7 @@ class TextModel(nnx.Module):
                                       embedding_init=nnx.initializers.normal(cfg.initializer_range),
                                       **opts.linear_kwargs())
         self.layers = nnx.List([DecoderLayer(cfg, opts, rngs) for _ in range(cfg.num_hidden_layers)])
-        self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
+        self.norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, opts, rngs)
 
     def __call__(self, inputs_embeds, position_ids, kv_lengths=None):
         """`inputs_embeds [B, L, D]`, `position_ids [3, B or 1, L]`, `kv_lengths [B]` (right padding)

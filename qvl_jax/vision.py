@@ -7,20 +7,11 @@ from flax import nnx
 
 from qvl_core.model_config import VisionConfig
 from qvl_jax.attention import dot_product_attention
-from qvl_jax.linear import Linear, matmul
-from qvl_jax.norm import RMSNorm
+from qvl_jax.linear import dense, matmul
+from qvl_jax.norm import rms_norm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, one_row_if_shared, vision_cos_sin
 from qvl_jax.vision_layout import Segments, VisionLayout
-
-
-def _linear(cfg_init: float, d_in: int, d_out: int, bias: bool, opts: RuntimeOptions, rngs: nnx.Rngs):
-    return Linear(d_in, d_out, use_bias=bias, kernel_init=nnx.initializers.normal(cfg_init),
-                      rngs=rngs, **opts.linear_kwargs())
-
-
-def _rms_norm(dim: int, eps: float, opts: RuntimeOptions, rngs: nnx.Rngs):
-    return RMSNorm(dim, epsilon=eps, rngs=rngs, **opts.linear_kwargs())
 
 
 def take_rows(x, index):
@@ -51,7 +42,8 @@ class PatchEmbed(nnx.Module):
     """
 
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
-        self.proj = _linear(cfg.initializer_range, cfg.patch_dim, cfg.hidden_size, False, opts, rngs)
+        self.proj = dense(cfg.patch_dim, cfg.hidden_size, bias=False, init_std=cfg.initializer_range, opts=opts,
+                          rngs=rngs)
         self.channels, self.frames, self.frame_dim = cfg.in_channels, cfg.temporal_patch_size, cfg.frame_dim
 
     def __call__(self, pixel_values):  # [B, N, C*T*P*P] or [B, N, C*P*P] -> [B, N, D]
@@ -68,9 +60,9 @@ class PatchEmbed(nnx.Module):
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         init, d, f = cfg.initializer_range, cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _linear(init, d, f, True, opts, rngs)
-        self.up_proj = _linear(init, d, f, True, opts, rngs)
-        self.down_proj = _linear(init, f, d, True, opts, rngs)
+        self.gate_proj = dense(d, f, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.up_proj = dense(d, f, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.down_proj = dense(f, d, bias=True, init_std=init, opts=opts, rngs=rngs)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def __call__(self, x):
@@ -80,8 +72,9 @@ class VisionMLP(nnx.Module):
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = _linear(cfg.initializer_range, cfg.hidden_size, 3 * cfg.hidden_size, True, opts, rngs)
-        self.proj = _linear(cfg.initializer_range, cfg.hidden_size, cfg.hidden_size, True, opts, rngs)
+        d, init = cfg.hidden_size, cfg.initializer_range
+        self.qkv = dense(d, 3 * d, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.proj = dense(d, d, bias=True, init_std=init, opts=opts, rngs=rngs)
         self.requested = opts.attention
 
     def __call__(self, x, cos, sin, seg: Segments):  # x [B, N, D]
@@ -97,8 +90,8 @@ class VisionAttention(nnx.Module):
 
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
-        self.norm1 = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
-        self.norm2 = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        self.norm1 = rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        self.norm2 = rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
         self.attn = VisionAttention(cfg, opts, rngs)
         self.mlp = VisionMLP(cfg, opts, rngs)
 
@@ -113,9 +106,10 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         wide = cfg.hidden_size * cfg.merge_unit
         self.merge_unit = cfg.merge_unit
-        self.ln_q = _rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
-        self.mlp_0 = _linear(cfg.initializer_range, wide, wide, True, opts, rngs)
-        self.mlp_2 = _linear(cfg.initializer_range, wide, cfg.out_hidden_size, True, opts, rngs)
+        self.ln_q = rms_norm(cfg.hidden_size, 1e-6, opts, rngs)
+        init = cfg.initializer_range
+        self.mlp_0 = dense(wide, wide, bias=True, init_std=init, opts=opts, rngs=rngs)
+        self.mlp_2 = dense(wide, cfg.out_hidden_size, bias=True, init_std=init, opts=opts, rngs=rngs)
 
     def __call__(self, x):  # [B, N, D] -> [B, N/4, out_hidden]
         b, n, d = x.shape
