@@ -33,6 +33,7 @@ class ModelConfig:
     pooling: Optional[Literal["last", "mean_image"]] = None  # null: last (vlm), mean_image (vision)
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights, optimizer state (head: float32)
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # matmuls and activations; logits/loss float32
+    # Which weights each switch freezes: the part table, qvl_core/parts.py.
     freeze_vision: bool = False  # freeze the vision tower's blocks and patch embedding
     freeze_merger: bool = False  # freeze the patch merger (the vision-to-text projector)
     freeze_decoder: bool = False  # freeze the Qwen2.5 decoder (embeddings, layers, final norm)
@@ -48,12 +49,6 @@ class ModelConfig:
             raise SchemaError(f"{where}.pooling: mode 'vision' has no token sequence; use mean_image")
         if self.mode == "vision" and self.freeze_decoder:
             raise SchemaError(f"{where}.freeze_decoder: mode 'vision' has no decoder")
-
-    @property
-    def trainable_parts(self) -> dict[str, bool]:
-        """Part name (as `qvl_core.flops.forward_parts` names them) -> whether it trains."""
-        return {"patch_embed": not self.freeze_vision, "vision_blocks": not self.freeze_vision,
-                "merger": not self.freeze_merger, "decoder": not self.freeze_decoder, "head": True}
 
     @property
     def resolved_pooling(self) -> str:

@@ -55,32 +55,14 @@ class Checkpoints:
         self.manager.close()
 
     @staticmethod
-    def resolve(resume_from: str | None, run_dir: Path) -> Path | None:
-        """The step directory to resume from: `auto` (this run's latest, if any), a step, checkpoints/ or run dir."""
-        if resume_from is None:
-            return None
-        if resume_from == "auto":
-            found = Checkpoints.latest(Path(run_dir) / "checkpoints")
-            if found is None:
-                log.info("--resume_from auto: no checkpoint in %s, starting fresh", run_dir)
-            return found
-        path = Path(resume_from)
-        if not path.exists():
-            raise FileNotFoundError(f"--resume_from {path}: no such directory")
-        if path.name.isdigit() and (path / "state").exists():
-            return path
-        for candidate in (path, path / "checkpoints"):
-            found = Checkpoints.latest(candidate)
-            if found is not None:
-                return found
-        raise FileNotFoundError(f"--resume_from {path}: no checkpoint (<step>/state) there or in {path / 'checkpoints'}")
+    def is_checkpoint(step_dir: Path) -> bool:
+        return (Path(step_dir) / "state").exists()
 
     @staticmethod
     def latest(directory: Path) -> Path | None:
-        if not directory.is_dir():
-            return None
-        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").exists())
-        return directory / str(steps[-1]) if steps else None
+        from qvl_core.loop import latest_checkpoint
+
+        return latest_checkpoint(directory, Checkpoints.is_checkpoint)
 
     def restore(self, step_dir: Path, template: dict, iterator=None) -> tuple[dict, dict, bool]:
         """(state laid out like `template`, meta, whether `iterator` was restored).

@@ -34,8 +34,9 @@ from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.hf_io import load_hf
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.train import (abstract_state, evaluate, init_distributed, make_eval_step, model_config,
-                           trainable_filter)
+from qvl_jax.sharding import init_distributed
+from qvl_jax.state import abstract_state, model_config, trainable_filter
+from qvl_jax.steps import evaluate, make_eval_step
 
 log = logging.getLogger("qvl_jax.evaluate")
 
@@ -98,8 +99,7 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> 
                                                            args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         label_map = LabelMap.from_json(meta["label_map"])
         cfg, _ = model_config(config, label_map)
-        opts = RuntimeOptions(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-                              attention="auto" if config.training.memory_efficient_attention else "xla")
+        opts = RuntimeOptions.for_run(config)
         layout = sharding_lib.Layout(layout.mesh, config.sharding.strategy, config.sharding.min_shard_size)
         graphdef, template = abstract_state(config, cfg, opts, layout)
         ckpt = Checkpoints(where.parent, async_save=False)
@@ -119,9 +119,7 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> 
         label_map = LabelMap.build("shared", {"model": names})
     else:
         raise CheckpointError(f"{where}: no label_map.json and no id2label in config.json")
-    dtype = config.model.param_dtype if config is not None else "float32"
-    compute = config.model.compute_dtype if config is not None else "float32"
-    opts = RuntimeOptions(param_dtype=dtype, dtype=compute)
+    opts = RuntimeOptions.for_run(config) if config is not None else RuntimeOptions()
     model = load_hf(where, opts=opts)
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model) if config else (lambda *_: True), ...)
     params, frozen = (jax.device_put(t, layout.params(t)) for t in (params, frozen))
@@ -153,13 +151,14 @@ def run_evaluation(checkpoint: str | Path, config: RunConfig | None = None, spli
     if not sources:
         raise DataError("no data set has an eval split")
     tag = f"step{loaded.step}" if loaded.step is not None else loaded.source.name
-    tally = evaluate(loaded.state, eval_step, data, sources, loaded.layout, config,
-                     loaded.step if loaded.step is not None else tag, loaded.out_dir.parent)
+    tally = evaluate(loaded.state, eval_step, data, sources, loaded.layout,
+                     num_threads=max(1, config.training.dataloader_num_workers or 1))
     result = {"checkpoint": str(loaded.source), "step": loaded.step, **tally.metrics()}
     if jax.process_index() == 0:
         out = loaded.out_dir
         (out / f"evaluate_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
         tally.write_per_class(out / f"per_class_{tag}.csv")
+        tally.write_confusion(out / f"confusion_{tag}.csv")
         tally.plot_confusion(out / f"confusion_{tag}.png", title=f"{loaded.source} ({', '.join(sources)})")
         result["files"] = [str(out / f) for f in (f"evaluate_{tag}.json", f"per_class_{tag}.csv",
                                                   f"confusion_{tag}.png", f"confusion_{tag}.csv")]

@@ -31,6 +31,13 @@ class RuntimeOptions:
         if not hasattr(jax.checkpoint_policies, self.remat_policy):
             raise ValueError(f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies member")
 
+    @classmethod
+    def for_run(cls, config) -> "RuntimeOptions":
+        """The options a run config (`qvl_core.config.RunConfig`) asks for: trainer, evaluation, benchmarks."""
+        m, t = config.model, config.training
+        return cls(param_dtype=m.param_dtype, dtype=m.compute_dtype,
+                   attention="auto" if t.memory_efficient_attention else "xla", remat=t.gradient_checkpointing)
+
     @property
     def jnp_dtype(self):
         return DTYPES[self.dtype]

@@ -3,7 +3,8 @@
 Each rule pairs an HF key (in the hub's layout: `visual.*`, `model.*`) with the
 NNX state path, `*` standing for a layer index, and names the transform that
 turns the torch tensor into the JAX array. Other key layouts are rewritten to
-the hub's first (`canonical_hf_key`).
+the hub's first (`canonical_hf_key`, from `qvl_core.parts`, which also says
+which part of the model each key belongs to).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import re
 
 import numpy as np
+
+from qvl_core.parts import canonical_hf_key  # noqa: F401  (re-exported: the loaders read any layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,23 +64,6 @@ RULES: tuple[Rule, ...] = (
 
 # Keys of a causal-LM checkpoint that a classifier does not use.
 IGNORED_HF = (re.compile(r"^lm_head\."),)
-
-# Other layouts of the same weights -> the hub's layout. Newer transformers writes
-# `model.visual.*` / `model.language_model.*`; a bare `Qwen2_5_VLModel` writes
-# `visual.*` / `language_model.*`.
-_LAYOUTS = (
-    (re.compile(r"^model\.visual\."), "visual."),
-    (re.compile(r"^model\.language_model\."), "model."),
-    (re.compile(r"^language_model\."), "model."),
-)
-
-
-def canonical_hf_key(key: str) -> str:
-    for pattern, repl in _LAYOUTS:
-        if pattern.match(key):
-            return pattern.sub(repl, key, count=1)
-    return key
-
 
 def _compile(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\*", r"(\d+)") + "$")

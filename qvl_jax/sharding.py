@@ -1,6 +1,6 @@
 """The mesh and the layout of parameters, gradients and optimizer state on it.
 
-One `data` axis over every device of every process. Strategies (DESIGN.md):
+One `data` axis over every device of every process. Strategies (docs/architecture.md):
 
     dp     params, grads, optimizer state replicated; XLA all-reduces the grads
     zero2  params replicated; grads and AdamW moments sharded over `data`, so XLA
@@ -16,6 +16,7 @@ stay replicated. Everything here is sharding metadata: XLA writes the collective
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -23,6 +24,18 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+
+
+def init_distributed(cfg) -> None:
+    """`jax.distributed.initialize` when the config (`DistributedConfig`) or the environment describes several
+    processes; then `jax.devices()` (and so the mesh) spans every device of every process."""
+    explicit = cfg.coordinator_address is not None or (cfg.num_processes or 1) > 1
+    detected = any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+    if not (explicit or detected) or jax.distributed.is_initialized():
+        return
+    # Cross-process collectives between CPU devices need gloo; the setting only concerns the CPU backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**{k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
@@ -87,3 +100,10 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
         shape = sharding.shard_shape(tuple(leaf.shape))
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def held_bytes(tree: Any) -> int:
+    """Bytes this process's first device holds of `tree`'s arrays: their shards as placed, not as requested."""
+    device = jax.local_devices()[0]
+    return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
+               if shard.device == device)

@@ -8,6 +8,7 @@ packs it the way transformers wants (all patches in one `[sum N_b, 1176]`).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 
@@ -119,3 +120,78 @@ def load_pretrained(path: str | os.PathLike, *, num_labels: int | None = None, d
             model.classifier.weight.copy_(torch.from_numpy(np.asarray(head["classifier.weight"], np.float32)))
             model.classifier.bias.copy_(torch.from_numpy(np.asarray(head["classifier.bias"], np.float32)))
     return model.eval()
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """flash_attention_2 -> sdpa -> eager for `auto`, logged with the reason; an impossible explicit choice raises."""
+    from qvl_core.schema import SchemaError
+
+    def flash_problem() -> str | None:
+        if device.type != "cuda":
+            return "flash-attn needs a CUDA device"
+        try:
+            importlib.import_module("flash_attn")  # a GLIBC mismatch surfaces here as ImportError/OSError
+        except (ImportError, OSError) as e:
+            return f"flash_attn does not import ({type(e).__name__}: {e})"
+        return None
+
+    if requested == "flash_attention_2":
+        problem = flash_problem()
+        if problem:
+            raise SchemaError(f"model.attention: flash_attention_2 cannot be used: {problem}; use auto or sdpa")
+        return requested
+    if requested in ("sdpa", "eager"):
+        return requested
+    problem = flash_problem()
+    if problem is None:
+        choice, reason = "flash_attention_2", "flash_attn imports and a CUDA device is present"
+    elif hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        choice, reason = "sdpa", problem
+    else:
+        choice, reason = "eager", problem + "; no torch sdpa"
+    log.info("attention: %s (%s)", choice, reason)
+    return choice
+
+
+def from_config(cfg: QwenVLConfig, *, attn_implementation: str, seed: int, head_seed: int = 0) -> TorchQwenVLClassifier:
+    """A freshly initialised classifier (backbone drawn from torch's generator seeded with `seed`; the head
+    drawn from `head_seed`, as `qvl_jax` draws it)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
+
+    raw = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("qvl_classifier", "id2label", "label2id",
+                                                                  "num_labels")}
+    raw["text_config"] = {**raw["text_config"], "bos_token_id": None, "eos_token_id": None}  # no generation here
+    torch.manual_seed(seed)
+    backbone = Qwen2_5_VLModel._from_config(Qwen2_5_VLConfig(**raw), attn_implementation=attn_implementation)
+    if cfg.head.mode == "vision":
+        del backbone.language_model
+    model = TorchQwenVLClassifier(cfg, backbone)
+    if model.classifier is not None:
+        head = init_head(cfg, head_seed)
+        with torch.no_grad():
+            model.classifier.weight.copy_(torch.from_numpy(head["classifier.weight"]))
+            model.classifier.bias.copy_(torch.from_numpy(head["classifier.bias"]))
+    return model
+
+
+def build_classifier(config, label_map, attention: str) -> TorchQwenVLClassifier:
+    """The classifier a run config asks for (`model.pretrained_name` or `model.config`), with the data's labels."""
+    from qvl_core.model_config import ConfigError
+    from qvl_core.schema import SchemaError
+
+    m = config.model
+    if m.pretrained_name is not None:  # a local directory: start_run resolved hub ids
+        model = load_pretrained(m.pretrained_name, num_labels=label_map.num_labels, dtype=m.param_dtype, mode=m.mode,
+                                pooling=m.resolved_pooling, attn_implementation=attention, head_seed=m.head_seed)
+        stored = model.config.head.id2label
+        if stored is not None and tuple(stored) != label_map.names:
+            raise CheckpointError(f"{m.pretrained_name}: its head's labels are not this run's (same count, other "
+                                  "classes or order)")
+        model.config = model.config.with_head(id2label=label_map.names)
+        return model.train()
+    try:
+        cfg = QwenVLConfig.from_hf_dict(m.config, source="model.config").with_head(
+            num_labels=label_map.num_labels, mode=m.mode, pooling=m.resolved_pooling, id2label=label_map.names)
+    except ConfigError as e:
+        raise SchemaError(str(e)) from None
+    return from_config(cfg, attn_implementation=attention, seed=config.training.seed, head_seed=m.head_seed).train()

@@ -8,12 +8,12 @@ import optax
 import pytest
 from flax import nnx
 
-from qvl_core import flops
+from qvl_core import flops, parts
 from qvl_core.config import ModelConfig
 from qvl_core.model_config import QwenVLConfig
 from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.train import trainable_filter
+from qvl_jax.state import trainable_filter
 from tests.train_helpers import TINY_MODEL
 
 
@@ -52,7 +52,7 @@ def test_analytic_train_flops_match_xla_cost_analysis(mode, side, freeze):
     # whatever depends on constants alone (a frozen patch embedding of fixed pixels) out of its count.
     cost = jax.jit(jax.grad(loss)).lower(trainable, frozen, pixels).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    analytic = flops.train_flops_per_sample(cfg, grid, trainable=model_cfg.trainable_parts) * batch
+    analytic = flops.train_flops_per_sample(cfg, grid, trainable=parts.trainable_parts(model_cfg)) * batch
     assert abs(analytic / cost["flops"] - 1) <= 0.05, (analytic, cost["flops"])
 
 
