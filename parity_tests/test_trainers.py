@@ -13,6 +13,7 @@ from qvl_core.config import RunConfig
 from qvl_core.data import fixtures
 from qvl_core.metrics import read_metrics
 from qvl_core.schema import from_dict
+from tests.train_helpers import logged_steps, resumed_at
 
 STEPS = 20
 
@@ -51,7 +52,7 @@ def _torch_run(tmp, config: dict, name: str, nproc: int = 1, *extra: str):
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", "qvl_torch.train", "--config", str(path), "--deepspeed", "configs/ds_config_zero2.json", *extra]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)  # a hang guard
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out
 
@@ -120,7 +121,8 @@ def test_deepspeed_resume_continues_with_the_same_losses(tmp_path, ckpt):
     _torch_run(tmp_path, straight, "straight")
     _torch_run(tmp_path, broken, "broken", 1, "--stop_after_steps", "3")  # 30 records / 4: mid-epoch
     out = _torch_run(tmp_path, broken, "broken", 1, "--resume_from", "auto")
-    assert "resumed from" in out.stderr
+    assert resumed_at(out.stderr) == 3
+    assert logged_steps(tmp_path / "outputs" / "broken") == list(range(1, 9))  # 4-8 after 1-3, none twice
     a, _ = _metrics(tmp_path, "straight")
     b, _ = _metrics(tmp_path, "broken")
     assert list(a) == list(b) == list(range(1, 9))
@@ -171,7 +173,7 @@ def test_deepspeed_bf16_and_gradient_checkpointing_train(tmp_path, ckpt):
         assert np.isfinite(c[s]) and abs(c[s] - a[s]) <= 3e-2 * a[s]  # bf16 rounding only
 
 
-def test_deepspeed_sigterm_saves_and_exits_zero(tmp_path, ckpt):
+def test_deepspeed_sigterm_saves_exits_zero_and_resumes(tmp_path, ckpt):
     import yaml
 
     from qvl_core.runs import checkpoint_steps
@@ -185,8 +187,63 @@ def test_deepspeed_sigterm_saves_and_exits_zero(tmp_path, ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "outputs" / "sig" / "logs" / "metrics.jsonl"
-    out = stop_with_sigterm(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 180)
+    out = stop_with_sigterm(proc, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 600)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped at step" in out
     steps = checkpoint_steps(tmp_path / "outputs" / "sig" / "checkpoints")
     assert steps and 3 <= steps[-1] < 400
+    # resumed (to 3 steps past the stop), it continues at the next step and logs no step twice
+    config["training"]["max_steps"] = steps[-1] + 3
+    out = _torch_run(tmp_path, config, "sig", 1, "--resume_from", "auto")
+    assert resumed_at(out.stderr) == steps[-1]
+    assert logged_steps(tmp_path / "outputs" / "sig") == list(range(1, steps[-1] + 4))
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A one-process gloo group for in-process DeepSpeed engines. DeepSpeed keeps its own handle on the group, so
+    one group serves every test of the module and is destroyed after the last."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero", [{}, {"compute_grad_norm": False}], ids=["default", "no_grad_norm"])
+def test_deepspeed_skips_a_nonfinite_update_and_keeps_the_weights(tmp_path, ckpt, one_process_group, monkeypatch,
+                                                                  zero):
+    """One batch whose loss is NaN: with skip_nonfinite the weights after that step equal those before.
+
+    `no_grad_norm` (ZeRO without the gradient norm, no clipping) is where DeepSpeed itself would step on the
+    NaN gradients: float32 ZeRO checks for overflow only through the norm."""
+    import torch
+
+    from qvl_torch import train
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():  # what a launcher sets
+        monkeypatch.setenv(k, v)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, **zero}}))
+    config = from_dict(RunConfig, _config(tmp_path, ckpt, "skip", max_steps=4, skip_nonfinite=True,
+                                          max_grad_norm=None if zero else 1.0))
+    _, backend = train.setup(config, deepspeed_config=str(ds))
+    batches = backend.batches(0)
+    weights = lambda: {n: p.detach().clone() for n, p in backend.engine.module.named_parameters()}  # noqa: E731
+    assert backend.train_step(next(batches))["finite"] == 1.0
+    before = weights()
+    clean = backend._pixels
+    monkeypatch.setattr(backend, "_pixels", lambda batch: clean(batch) * float("nan"))
+    poisoned = backend.train_step(next(batches))
+    assert poisoned["finite"] == 0.0 and not np.isfinite(poisoned["loss"])
+    after = weights()
+    assert all(torch.equal(before[n], after[n]) for n in before), [n for n in before
+                                                                   if not torch.equal(before[n], after[n])]
+    monkeypatch.setattr(backend, "_pixels", clean)
+    assert backend.train_step(next(batches))["finite"] == 1.0  # training goes on from the kept weights
+    moved = weights()
+    assert all(torch.isfinite(p).all() for p in moved.values())
+    assert any(not torch.equal(after[n], moved[n]) for n in after)

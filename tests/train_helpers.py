@@ -57,8 +57,25 @@ def losses(run_dir: Path) -> dict[int, float]:
             if "training/loss" in r}
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of metrics.jsonl's training/loss records, in file order (a step logged twice shows twice)."""
+    import json
+
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "training/loss" in r]
+
+
+def resumed_at(log: str) -> int:
+    """The step a resumed run's log says it continued from."""
+    import re
+
+    found = re.findall(r"resumed from \S+ at step (\d+)", log)
+    assert len(found) == 1, log[-3000:]
+    return int(found[0])
+
+
 def train_subprocess(config_path: Path, *extra: str, devices: int | None = None, env: dict | None = None,
-                     timeout: int = 300, wait: bool = True):
+                     timeout: int = 1800, wait: bool = True):
     cmd = [sys.executable, "-m", "qvl_jax.train", "--config", str(config_path), *extra]
     full_env = {**os.environ, **(env or {})}
     if devices:
@@ -78,3 +95,38 @@ def stop_with_sigterm(proc: subprocess.Popen, ready, timeout: float) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=timeout)
     return out
+
+
+def held_bytes_report(config_path: str, strategies: str, steps: int) -> None:
+    """Per strategy: the loss of each of `steps` train steps (the trainer's step on the trainer's batches) and the
+    bytes device 0 holds after the first: parameters, gradients (as the step laid them out), optimizer state.
+    Run in a process with simulated devices (see test_train)."""
+    import dataclasses
+    import json
+
+    import jax
+
+    from qvl_core.config import load_config
+    from qvl_jax import sharding
+    from qvl_jax.steps import to_global
+    from qvl_jax.train import setup
+
+    base = load_config(config_path)
+    report = {}
+    for strategy in strategies.split(","):
+        config = dataclasses.replace(base, sharding=dataclasses.replace(base.sharding, strategy=strategy),
+                                     output=dataclasses.replace(base.output, run_name=strategy))
+        _, backend = setup(config)
+        step, batches, s = backend.make_step(return_grads=True), backend.batches(0), backend.state
+        params, opt_state, losses = s["params"], s["opt_state"], []
+        for i in range(steps):
+            arrays = to_global(next(batches), backend.layout, accum=backend.geometry.accumulation)
+            params, opt_state, m = step(params, s["frozen"], opt_state, arrays)
+            losses.append(float(m["loss"]))
+            if i == 0:
+                held = {"devices": jax.device_count(), "params": sharding.held_bytes((params, s["frozen"])),
+                        "grads": sharding.held_bytes(m["grads"]), "optimizer": sharding.held_bytes(opt_state),
+                        "param_total": sum(x.nbytes for x in jax.tree.leaves(params))}
+        report[strategy] = {**held, "losses": losses}
+        backend.close()
+    print("HELD " + json.dumps(report))
