@@ -1,8 +1,9 @@
-"""qvl_jax against qvl_torch on the same HF directory: the numerical contract of DESIGN.md.
+"""qvl_jax against qvl_torch on the same HF directory: the numerical contract (docs/architecture.md).
 
 Float32 ("highest" matmul precision): end to end (image features, last hidden
 state, logits, loss) <= 1e-4 relative L2; gradients per parameter tensor
-<= 1e-4; parameters after 3 AdamW steps <= 1e-4. bfloat16: each side against
+<= 1e-4; parameters after 3 AdamW steps <= 1e-4; AdamW's updates on the same
+gradients <= 1e-4 (any dtype: float32 optimizers). bfloat16: each side against
 the float32 torch result; the JAX error may be at most max(1.5 x the torch
 error, 1e-2).
 
@@ -36,6 +37,7 @@ BF16_RATIO, BF16_FLOOR = 1.5, 1e-2
 # disagree by 1.6e-4 after 3 steps (JAX vs sdpa 2.3e-4), over the 1e-4 limit; with 1e-5, 1.9e-5 (JAX 2.4e-5).
 ADAMW = dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.01)
 ADAMW_EPS = {"float32": 1e-5, "bfloat16": 1e-3, "float16": 1e-3}
+DEFAULT_EPS = 1e-8  # the trainers' (training.adam_epsilon), checked on shared gradients
 
 
 @dataclasses.dataclass
@@ -256,6 +258,18 @@ def run(checkpoint: str | os.PathLike, *, dtype: str = "float32", image_sizes=((
     rp = tp if sides.torch_ref is sides.torch else adamw_torch(sides, sides.torch_ref, steps)
     for key in sorted(rp):
         record(f"adamw3/{key}", jp[key], tp[key], rp[key])
+    results.update(optimizer_results(_torch_named(sides.torch_ref, lambda p: p), rg, dtype))
+    return results
+
+
+def optimizer_results(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], dtype: str) -> dict[str, Result]:
+    """AdamW's updates, JAX against torch on the same gradients, at the comparison's and the trainers' epsilon.
+    The limit is float32's whatever the model's dtype: both optimizers keep float32 (or wider) master weights."""
+    results = {}
+    for eps, tag in ((ADAMW_EPS[dtype], "adamw_update"), (DEFAULT_EPS, "adamw_update_eps1e-8")):
+        ju, tu = adamw_updates(params, grads, eps)
+        for key in sorted(tu):
+            results[f"{tag}/{key}"] = Result(rel_l2(ju[key], tu[key]), FP32_LIMIT)
     return results
 
 
@@ -266,14 +280,11 @@ def _valid_positions(cfg, grids) -> np.ndarray:
 
 
 def adamw_jax(sides: Sides, steps) -> dict[str, np.ndarray]:
-    import optax
     from flax import nnx
 
     from qvl_jax import param_map
     model = nnx.clone(sides.jax_master)  # the Sides stay untouched, so they can be reused
-    tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW_EPS[sides.dtype],
-                     weight_decay=ADAMW["weight_decay"])
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt = nnx.Optimizer(model, _jax_adamw(ADAMW_EPS[sides.dtype]), wrt=nnx.Param)
     for pix, grids, labels in steps:
         _, grads = _grads_state(model, pix, grids, labels)
         opt.update(model, grads)
@@ -312,6 +323,35 @@ def adamw_torch(sides: Sides, model, steps) -> dict[str, np.ndarray]:
             for p, m in zip(params, master):
                 p.copy_(m)
     return _named_master(model, master)
+
+
+def adamw_updates(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], eps: float):
+    """optax's and torch's AdamW from the same `params`, fed the same gradients (`grads[key]`: `[steps, ...]`):
+    each side's updates summed over the steps, in float64 (JAX: the updates optax returns, before they are added
+    to a float32 parameter; torch: float64 master weights, after - before)."""
+    import jax.numpy as jnp
+    import optax
+    import torch
+
+    tx = _jax_adamw(eps)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    state, jax_total = tx.init(p), {k: np.zeros(v.shape) for k, v in params.items()}
+    master = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    opt = torch.optim.AdamW(list(master.values()), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=eps,
+                            weight_decay=ADAMW["weight_decay"])
+    for step in range(len(next(iter(grads.values())))):
+        updates, state = tx.update({k: jnp.asarray(grads[k][step]) for k in p}, state, p)
+        p = optax.apply_updates(p, updates)
+        jax_total = {k: jax_total[k] + np.asarray(updates[k], np.float64) for k in p}
+        for k, m in master.items():
+            m.grad = torch.from_numpy(np.asarray(grads[k][step], np.float64))
+        opt.step()
+    return jax_total, {k: m.detach().numpy() - params[k].astype(np.float64) for k, m in master.items()}
+
+
+def _jax_adamw(eps: float):
+    import optax
+    return optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=eps, weight_decay=ADAMW["weight_decay"])
 
 
 def _named_master(model, master) -> dict[str, np.ndarray]:

@@ -18,6 +18,9 @@ def test_float32_gqa_vlm_matches_transformers(gqa_ckpt):
             assert f"{q}@{tag}" in results
     assert "loss@140x252" in results
     assert sum(k.startswith("grad/") for k in results) == sum(k.startswith("adamw3/") for k in results) > 60
+    n = sum(k.startswith("adamw3/") for k in results)
+    assert sum(k.startswith("adamw_update/") for k in results) == sum(k.startswith("adamw_update_eps1e-8/")
+                                                                     for k in results) == n
 
 
 def test_float32_mha_vision_mode_matches_transformers(mha_ckpt):
@@ -73,6 +76,57 @@ def test_comparison_fails_when_one_jax_weight_is_perturbed(gqa_ckpt):
     failed = _failures(results)
     assert "logits@56x56" in failed and "last_hidden_state@56x56" in failed
     assert "image_features@56x56" not in failed  # the vision tower was not touched
+
+
+def test_gradient_check_fails_when_a_gradient_goes_missing(gqa_ckpt, monkeypatch):
+    """Negative control: the final norm's gradient dropped on the JAX side shows up."""
+    import jax
+
+    from qvl_jax.state import hf_key
+
+    sides = compare.Sides(gqa_ckpt, dtype="float32", mode=None, num_labels=None)
+    grads_state = compare._grads_state
+
+    def drop_norm_gradient(*args):
+        loss, grads = grads_state(*args)
+        return loss, jax.tree_util.tree_map_with_path(
+            lambda path, g: g * 0 if hf_key(path) == "model.norm.weight" else g, grads)
+
+    monkeypatch.setattr(compare, "_grads_state", drop_norm_gradient)
+    failed = _failures(compare.run(gqa_ckpt, image_sizes=[(56, 56)], sides=sides))
+    assert "grad/model.norm.weight" in failed
+
+
+def test_optimizer_check_fails_on_a_wrong_adamw_step(monkeypatch):
+    """Negative controls: AdamW with coupled L2 decay instead of decoupled weight decay, and an optimizer that
+    leaves the norm scales alone, each fail the update comparison (which a correct AdamW passes), in both
+    dtypes' settings and at the default epsilon."""
+    import jax
+    import numpy as np
+    import optax
+
+    rng = np.random.default_rng(0)
+    params = {"model.norm.weight": 1 + 0.1 * rng.standard_normal(48, dtype=np.float32),
+              "model.layers.0.mlp.up_proj.weight": 0.1 * rng.standard_normal((80, 48), dtype=np.float32)}
+    # gradients of several scales, some elements near zero: 3 steps
+    grads = {k: rng.standard_normal((3, *v.shape)).astype(np.float32) * np.float32(1e-3) *
+             rng.choice([1e-4, 1e-2, 1.0, 10.0], v.shape).astype(np.float32) for k, v in params.items()}
+    for dtype in ("float32", "bfloat16"):
+        assert not _failures(compare.optimizer_results(params, grads, dtype))
+    a, adamw = compare.ADAMW, compare._jax_adamw
+    wrong_steps = {
+        "coupled decay": lambda eps: optax.chain(optax.add_decayed_weights(a["weight_decay"]),
+                                                 optax.adam(a["lr"], b1=a["b1"], b2=a["b2"], eps=eps)),
+        "norms not updated": lambda eps: optax.masked(adamw(eps), lambda p: (
+            jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), p))),
+    }
+    for name, tx in wrong_steps.items():
+        with monkeypatch.context() as m:
+            m.setattr(compare, "_jax_adamw", tx)
+            for dtype in ("float32", "bfloat16"):
+                failed = _failures(compare.optimizer_results(params, grads, dtype))
+                assert {"adamw_update/model.norm.weight", "adamw_update_eps1e-8/model.norm.weight"} <= set(failed), \
+                    (name, dtype, failed)
 
 
 def test_sides_can_be_reused(mha_ckpt):
