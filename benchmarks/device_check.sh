@@ -10,6 +10,9 @@
 #   here:    benchmarks/fetch_device_wheels.sh
 #   device:  run(command="benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 # Arguments are passed on to the benchmark (e.g. `--set` overrides; a test runs this on a CPU with a shrunk model).
+# CHECKS picks the steps (default "doctor parity bench": rerun one alone after it failed); PARITY_SIZES, PARITY_S
+# and BENCH_S set the parity check's image sizes and the two steps' time limits.
+# Exit status: 0 only when every step run passed (the parity contract held, the benchmark ran).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-device_out}"
@@ -23,11 +26,15 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/qvl_site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-PARITY_S="${PARITY_S:-100}" BENCH_S="${BENCH_S:-420}"
+PARITY_S="${PARITY_S:-100}" BENCH_S="${BENCH_S:-420}" PARITY_SIZES="${PARITY_SIZES:-140x252,84x56}"
+CHECKS=" ${CHECKS:-doctor parity bench} " PARITY_STATUS=0 BENCH_STATUS=0
 
+if [[ "$CHECKS" == *" doctor "* ]]; then
 { date -u; timeout 60 "$PY" -m qvl_core.doctor; } > "$OUT/doctor.txt" 2>&1
 cat "$OUT/doctor.txt"
+fi
 
+if [[ "$CHECKS" == *" parity "* ]]; then
 echo "== parity in bfloat16 (log: $OUT/parity.log)"
 CK="$(mktemp -d)/ck"
 trap 'rm -rf "$(dirname "$CK")"' EXIT
@@ -39,11 +46,17 @@ make_checkpoint(\"$1\", seed=3, dtype=\"bfloat16\", num_labels=9,
                             window_size=56, fullatt_block_indexes=[1]),
                 text=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                           rope_parameters={\"rope_type\": \"default\", \"rope_theta\": 1e6, \"mrope_section\": [2, 3, 3]}))
-" && "$0" -m parity_tests.check --checkpoint "$1" --dtype bfloat16 --image-sizes 140x252,84x56 --json "$2"
-' "$PY" "$CK" "$OUT/parity_bf16.json" > "$OUT/parity.log" 2>&1
-echo "parity exit status $? (124: out of time)"
+" && "$0" -m parity_tests.check --checkpoint "$1" --dtype bfloat16 --image-sizes "$3" --json "$2"
+' "$PY" "$CK" "$OUT/parity_bf16.json" "$PARITY_SIZES" > "$OUT/parity.log" 2>&1
+PARITY_STATUS=$?
+echo "parity exit status $PARITY_STATUS (124: out of time)"
 tail -3 "$OUT/parity.log"
+fi
 
+if [[ "$CHECKS" == *" bench "* ]]; then
 echo "== benchmark (benchmarks/gpu.sh)"
 QVL_DOCTOR=0 timeout "$BENCH_S" bash benchmarks/gpu.sh "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
-echo "benchmark exit status ${PIPESTATUS[0]} (124: out of time)"
+BENCH_STATUS=${PIPESTATUS[0]}
+echo "benchmark exit status $BENCH_STATUS (124: out of time)"
+fi
+[ "$PARITY_STATUS" = 0 ] && [ "$BENCH_STATUS" = 0 ]

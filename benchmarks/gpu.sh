@@ -23,12 +23,13 @@ out = sys.argv[1]
 j, t = (json.load(open(f"{out}/{n}.json")) for n in ("jax", "torch"))
 peak = "unknown" if j["peak_tflops"] is None else f"{j['peak_tflops']:.4g}"
 print(f"device: {j['device']}; peak {peak} TFLOP/s ({j['peak_source']})")
-print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}")
+print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}  attention")
 for name, r in (("jax", j["jax"]), ("torch", t["torch"])):
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     mem = "n/a" if r.get("peak_memory_gb") is None else f"{r['peak_memory_gb']:.1f}"
     if r.get("memory_limit_gb"):
         mem += f" / {r['memory_limit_gb']:.0f}"
-    print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.1f} {mfu:>6} {mem:>11}")
+    print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.1f} {mfu:>6} {mem:>11}"
+          f"  {r['attention']}")
 print(f"JAX / PyTorch samples/s: {j['jax']['samples_per_second'] / t['torch']['samples_per_second']:.2f}x")
 PY

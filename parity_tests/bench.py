@@ -117,12 +117,12 @@ def jax_step(config, tx=None) -> dict:
     from qvl_jax import sharding as sharding_lib
     from qvl_jax.classifier import QwenVLClassifier
     from qvl_jax.options import RuntimeOptions
-    from qvl_jax.train import make_optimizer, make_train_step, trainable_filter
+    from qvl_jax.state import make_optimizer, trainable_filter
+    from qvl_jax.steps import make_train_step
 
     cfg = _model_config(config)
     t = config.training
-    opts = RuntimeOptions(param_dtype=config.model.param_dtype, dtype=config.model.compute_dtype,
-                          attention="auto" if t.memory_efficient_attention else "xla", remat=t.gradient_checkpointing)
+    opts = RuntimeOptions.for_run(config)
     layout = sharding_lib.Layout(sharding_lib.make_mesh(jax.devices()[:1]), "dp")
     model = QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0))
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
@@ -150,7 +150,19 @@ def jax_step(config, tx=None) -> dict:
     cost = (compiled if accum == 1 else lower(1)[1]).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {"compiled": compiled, "step": step_fn, "params": params, "frozen": frozen, "opt_state": opt_state,
-            "batch": batch, "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind}
+            "batch": batch, "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind,
+            "attention": jax_attention(cfg, opts)}
+
+
+def jax_attention(cfg, opts) -> str:
+    """The kernel(s) `qvl_jax.attention` picks for the vision tower's and the decoder's head size."""
+    from qvl_jax.attention import choose_implementation
+
+    head_dims = [cfg.vision.hidden_size // cfg.vision.num_heads]
+    if cfg.head.mode == "vlm":
+        head_dims.append(cfg.text.head_dim)
+    chosen = {choose_implementation(opts.attention, opts.dtype, h)[0] for h in head_dims}
+    return "/".join(sorted(chosen))
 
 
 def bench_jax(config, steps: int, warmup: int) -> dict:
@@ -166,7 +178,7 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {"step_times": times, "xla_flops": s["xla_flops"],
+    return {"step_times": times, "xla_flops": s["xla_flops"], "attention": s["attention"],
             "peak_memory_gb": stats.get("peak_bytes_in_use", float("nan")) / 1e9 if stats else None,
             "memory_limit_gb": stats["bytes_limit"] / 1e9 if "bytes_limit" in stats else None, "device": s["device"]}
 
@@ -175,21 +187,13 @@ def bench_torch(config, steps: int, warmup: int) -> dict:
     import torch
 
     from qvl_core.data import expand_patches
-    from qvl_torch.model import TorchQwenVLClassifier
-    from qvl_torch.train import choose_attention
+    from qvl_torch.model import choose_attention, from_config
 
     cfg = _model_config(config)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
-
-    raw = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("qvl_classifier", "id2label", "label2id",
-                                                                  "num_labels")}
-    raw["text_config"] = {**raw["text_config"], "bos_token_id": None, "eos_token_id": None}
-    torch.manual_seed(0)
-    attention = choose_attention(config.model.attention, device)
+    attention = choose_attention(config.model.attention, device)  # the reference trainer's own choice
     dtype = torch.bfloat16 if config.model.compute_dtype == "bfloat16" else torch.float32
-    backbone = Qwen2_5_VLModel._from_config(Qwen2_5_VLConfig(**raw), attn_implementation=attention)
-    model = TorchQwenVLClassifier(cfg, backbone).to(device).train()
+    model = from_config(cfg, attn_implementation=attention, seed=0).to(device).train()
     if config.training.gradient_checkpointing:
         model.model.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(model.parameters(), lr=config.training.learning_rate)
@@ -274,14 +278,14 @@ def main(argv=None) -> int:
           (f", XLA cost_analysis {out['xla_flops_per_step']:.4g} "
            f"of the whole step incl. AdamW ({step_flops / out['xla_flops_per_step'] - 1:+.1%})"
            if "xla_flops_per_step" in out else ""))
-    print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}")
+    print(f"{'framework':10} {'samples/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak mem GB':>11}  attention")
     for name, r in results.items():
         mem = "n/a" if r["peak_memory_gb"] is None else f"{r['peak_memory_gb']:.2f}"
         if r["memory_limit_gb"]:
             mem += f" / {r['memory_limit_gb']:.0f}"
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{name:10} {r['samples_per_second']:10.2f} {r['step_time_s'] * 1e3:9.1f} {r['tflops']:8.3f} {mfu:>6} "
-              f"{mem:>11}")
+              f"{mem:>11}  {r['attention']}")
     if "ratio_samples_per_second" in out:
         print(f"JAX / PyTorch samples/s: {out['ratio_samples_per_second']:.2f}x")
     write_json(args.json, out)

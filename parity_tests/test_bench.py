@@ -46,11 +46,17 @@ _SHRINK = [
 ]
 
 
-def test_device_check_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
+def _device_check(tmp_path, *args, **env):
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no_wheels")}
-    proc = subprocess.run(["bash", "benchmarks/device_check.sh", *_SHRINK], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
+    # The script's own step limits are for a GPU; here they are hang guards only (~10x the normal time).
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "WHEELS": str(tmp_path / "no_wheels"),
+           "PARITY_S": "1500", "BENCH_S": "1500", "PARITY_SIZES": "84x56", **env}
+    return subprocess.run(["bash", "benchmarks/device_check.sh", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=3600)
+
+
+def test_device_check_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
+    proc = _device_check(tmp_path, *_SHRINK)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "benchmark exit status 0 (124: out of time)"
@@ -68,6 +74,13 @@ def test_device_check_script_runs_end_to_end_on_a_shrunk_model(tmp_path):
         assert re.search(line, doctor, re.M), (line, doctor)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["doctor.txt", "parity.log", "parity_bf16.json", "jax.json", "torch.json", "bench.log"])
+    assert re.search(r"^jax .* xla$", "\n".join(table), re.M) and re.search(r"^torch .* sdpa$", "\n".join(table), re.M)
+
+
+def test_device_check_script_fails_when_the_parity_step_fails(tmp_path):
+    proc = _device_check(tmp_path, CHECKS="parity", PARITY_SIZES="57x56")  # not a multiple of 28: check exits 2
+    assert "parity exit status 2 (124: out of time)" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode != 0
 
 
 def test_bench_names_a_bad_config_instead_of_a_traceback(capsys):
