@@ -1,0 +1,22 @@
+"""Test-session settings shared by tests/ and parity_tests/ (and every process they start)."""
+
+import os
+import shutil
+import tempfile
+
+
+def pytest_configure(config):
+    # One JAX compilation cache per test session, shared by the xdist workers and the trainers they start as
+    # subprocesses (which inherit the environment): the tiny models' steps compile once instead of once per
+    # process. Set before any test imports jax; removed at the end, so nothing carries over between sessions.
+    if os.environ.get("PYTEST_XDIST_WORKER") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.qvl_jax_cache = tempfile.mkdtemp(prefix="qvl-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.qvl_jax_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "qvl_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
