@@ -47,7 +47,7 @@ class JaxBackend:
         t = config.training
 
         # --- model and optimizer, created sharded
-        opts = RuntimeOptions.for_run(config)
+        self.opts = opts = RuntimeOptions.for_run(config)
         self.model_config, _ = model_config(config, data.label_map)
         model = create_model(config, self.model_config, opts, layout)
         self.graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
@@ -77,7 +77,7 @@ class JaxBackend:
         """The jitted train step of this run (`qvl_jax.steps.make_train_step`)."""
         c, sh = self.config, self.shardings
         return make_train_step(self.graphdef, self.tx, self.layout, grid=c.data.grid_thw,
-                               dtype=RuntimeOptions.for_run(c).jnp_dtype, label_smoothing=c.training.label_smoothing,
+                               dtype=self.opts.jnp_dtype, label_smoothing=c.training.label_smoothing,
                                accum=self.geometry.accumulation, param_shardings=sh["params"],
                                grad_shardings=sh["grads"], opt_shardings=sh["opt_state"], return_grads=return_grads)
 
