@@ -127,12 +127,8 @@ def resolve_resume(resume_from: str | None, run_dir: Path, is_checkpoint: Callab
     """The step directory to resume from: `auto` (this run's latest, if any), a step, checkpoints/ or run dir."""
     if resume_from is None:
         return None
-
-    def latest(directory: Path) -> Path | None:
-        return latest_checkpoint(directory, is_checkpoint)
-
     if resume_from == "auto":
-        found = latest(Path(run_dir) / "checkpoints")
+        found = latest_checkpoint(Path(run_dir) / "checkpoints", is_checkpoint)
         if found is None:
             log.info("--resume_from auto: no checkpoint in %s, starting fresh", run_dir)
         return found
@@ -142,7 +138,7 @@ def resolve_resume(resume_from: str | None, run_dir: Path, is_checkpoint: Callab
     if path.name.isdigit() and is_checkpoint(path):
         return path
     for candidate in (path, path / "checkpoints"):
-        found = latest(candidate)
+        found = latest_checkpoint(candidate, is_checkpoint)
         if found is not None:
             return found
     raise FileNotFoundError(f"--resume_from {path}: no checkpoint of this trainer there or in {path / 'checkpoints'}")

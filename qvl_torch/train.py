@@ -66,10 +66,8 @@ def init_processes() -> tuple[int, int, torch.device]:
 class TorchBackend:
     """`qvl_core.loop.Backend` for PyTorch: a DeepSpeed engine over transformers' model, torch DataLoaders."""
 
-    def __init__(self, config: RunConfig, data, geometry: loop.Geometry, engine, device: torch.device,
-                 attention: str):
+    def __init__(self, config: RunConfig, data, geometry: loop.Geometry, engine, device: torch.device):
         self.config, self.data, self.geometry, self.engine, self.device = config, data, geometry, engine, device
-        self.attention = attention
         self.process_index, self.world = dist.get_rank(), dist.get_world_size()
         self.device_kind = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.model_config = engine.module.config
@@ -245,7 +243,7 @@ def setup(config: RunConfig, *, deepspeed_config: str | None = None,
     optimizer, scheduler = make_optimizer(model, config, g.total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                       dist_init_required=False)
-    backend = TorchBackend(config, data, g, engine, device, attention)
+    backend = TorchBackend(config, data, g, engine, device)
     return loop.Run(config, data, g, backend.model_config), backend
 
 
