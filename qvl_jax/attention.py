@@ -8,6 +8,8 @@ are logged the first time each (dtype, head_dim) combination is seen.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 from typing import Literal
@@ -19,21 +21,45 @@ log = logging.getLogger(__name__)
 
 Implementation = Literal["auto", "cudnn", "xla"]
 
+# The device a program is traced for, when that is not `jax.devices()[0]` (compiling for a GPU topology on a
+# machine without one: `qvl_jax.plan`).
+_target = contextvars.ContextVar("attention_target_device", default=None)
+# While set (a list), every traced attention call appends the implementation it chose.
+_traced = contextvars.ContextVar("attention_traced", default=None)
 
-@functools.cache
-def choose_implementation(requested: Implementation, dtype: str, head_dim: int) -> tuple[str, str]:
-    """Returns `(implementation, reason)` for `jax.nn.dot_product_attention`."""
+
+@contextlib.contextmanager
+def target(device=None):
+    """Within: attention is chosen for `device` (default: the backend's first device); yields the list of the
+    implementations of every attention call traced meanwhile."""
+    calls: list[str] = []
+    tokens = _target.set(device), _traced.set(calls)
+    try:
+        yield calls
+    finally:
+        _target.reset(tokens[0])
+        _traced.reset(tokens[1])
+
+
+def choose_implementation(requested: Implementation, dtype: str, head_dim: int, device=None) -> tuple[str, str]:
+    """Returns `(implementation, reason)` for `jax.nn.dot_product_attention` on `device` (default: the
+    `target` device, else `jax.devices()[0]`)."""
     if requested == "xla":
         return "xla", "requested"
-    device = jax.devices()[0]
+    device = device or _target.get() or jax.devices()[0]
+    return _choose(requested, dtype, head_dim, device.platform, device.device_kind,
+                   getattr(device, "compute_capability", None))
+
+
+@functools.cache
+def _choose(requested, dtype, head_dim, platform, device_kind, cc) -> tuple[str, str]:
     reasons = []
-    if device.platform != "gpu":
-        reasons.append(f"platform is {device.platform}")
+    if platform != "gpu":
+        reasons.append(f"platform is {platform}")
     if dtype not in ("bfloat16", "float16"):
         reasons.append(f"dtype is {dtype} (cuDNN attention needs bfloat16/float16)")
     if head_dim % 8:
         reasons.append(f"head_dim {head_dim} is not a multiple of 8")
-    cc = getattr(device, "compute_capability", None)
     limit = 256 if cc is not None and float(cc) >= 9.0 else 128
     if head_dim > limit:
         reasons.append(f"head_dim {head_dim} > {limit} on this GPU")
@@ -41,7 +67,7 @@ def choose_implementation(requested: Implementation, dtype: str, head_dim: int) 
         if requested == "cudnn":
             raise ValueError("attention implementation 'cudnn' was requested but cannot run: " + "; ".join(reasons))
         return "xla", "; ".join(reasons)
-    return "cudnn", f"{device.device_kind}, {dtype}, head_dim {head_dim}"
+    return "cudnn", f"{device_kind}, {dtype}, head_dim {head_dim}"
 
 
 @functools.cache
@@ -56,7 +82,15 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
     `kv_lengths [B]` masks keys at positions >= length (right padding).
     """
     impl, reason = choose_implementation(requested, jnp.dtype(q.dtype).name, q.shape[-1])
+    if impl == "cudnn" and kv_lengths is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+        # cuDNN's masked training kernels take even sequence lengths only (jax's check refuses the rest)
+        if requested == "cudnn":
+            raise ValueError(f"attention implementation 'cudnn' was requested but cannot run: padded sequence "
+                             f"lengths {q.shape[1]} / {k.shape[1]} are odd")
+        impl, reason = "xla", f"padded sequence length {q.shape[1]} is odd (cuDNN needs even lengths)"
     _log_choice(impl, reason, jnp.dtype(q.dtype).name, q.shape[-1])
+    if (traced := _traced.get()) is not None:
+        traced.append(impl)
     if kv_lengths is not None:
         kv_lengths = jnp.maximum(kv_lengths.astype(jnp.int32), 1)  # an empty row would divide by zero
     out_dtype = q.dtype
