@@ -4,6 +4,7 @@
     model = create_model(config, cfg, opts, layout)       # every parameter created in its sharding
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
     tx, schedule = make_optimizer(config, params, total_steps)
+    shardings = state_shardings(layout, params, tx)       # params, grads (as the step lays them out), opt_state
     graphdef, template = abstract_state(config, cfg, opts, layout)   # a restore target, nothing allocated
 
 The trainer, `qvl_jax.evaluate` and the benchmarks build their state here.
@@ -102,6 +103,13 @@ def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, l
 
     return graphdef, {"params": place(params, layout.params(params)), "frozen": place(frozen, layout.params(frozen)),
                       "opt_state": place(opt_state, layout.optimizer(opt_state))}
+
+
+def state_shardings(layout: sharding_lib.Layout, params, tx) -> dict:
+    """Shardings of the trainable params, their gradients (as the step constrains them) and the optimizer state."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    grad_sh = layout.optimizer(params) if layout.strategy != "dp" else param_sh
+    return {"params": param_sh, "grads": grad_sh, "opt_state": layout.optimizer(jax.eval_shape(tx.init, params))}
 
 
 def lr_schedule(t, peak: float, total_steps: int):

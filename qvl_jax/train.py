@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qvl_core import hostmem, loop
+from qvl_core import gpus, hostmem, loop
 from qvl_core.config import RunConfig
 from qvl_core.data import EvalSource, LabelMap, TrainSource
 from qvl_core.runs import export_metadata, start_run
+from qvl_jax import memory
 from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.hf_io import save_hf
 from qvl_jax.input_pipeline import make_loader, read_ahead
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.state import create_model, make_optimizer, model_config, trainable_filter
+from qvl_jax.state import create_model, make_optimizer, model_config, state_shardings, trainable_filter
 from qvl_jax.steps import device_memory_gb, evaluate, make_eval_step, make_train_step, to_global, to_host
 
 log = logging.getLogger("qvl_jax.train")
@@ -53,13 +55,10 @@ class JaxBackend:
         self.graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
         del model
         self.tx, self.lr_at = make_optimizer(config, params, geometry.total_steps)
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        opt_sh = layout.optimizer(jax.eval_shape(self.tx.init, params))
-        grad_sh = layout.optimizer(params) if layout.strategy != "dp" else param_sh
-        self.shardings = {"params": param_sh, "grads": grad_sh, "opt_state": opt_sh}
+        self.shardings = state_shardings(layout, params, self.tx)
         self.state = {"params": params, "frozen": frozen,
-                      "opt_state": jax.jit(self.tx.init, out_shardings=opt_sh)(params)}
-        self._train_step = self.make_step()
+                      "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)}
+        self._train_step, self.memory_plan = self._compile_step()
         self._eval_step = make_eval_step(self.graphdef, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype)
         self._write_sharding_summary()
 
@@ -81,6 +80,27 @@ class JaxBackend:
                                accum=self.geometry.accumulation, param_shardings=sh["params"],
                                grad_shardings=sh["grads"], opt_shardings=sh["opt_state"], return_grads=return_grads)
 
+    def _compile_step(self):
+        """The train step compiled before the first batch (`qvl_jax.memory`): its per-device memory plan is logged,
+        and a step that does not fit the device stops the run here, with what to change, instead of an XLA
+        out-of-memory error at the first step."""
+        g = self.geometry
+        compiled, calls = memory.compile_step(self.make_step(), self.state, self.layout, micro_batch=g.micro_batch,
+                                              accumulation=g.accumulation, num_patches=self.config.data.num_patches)
+        limit = memory.device_limit()
+        plan = memory.memory_plan(compiled, self.state, self.shardings, usable_bytes=limit, card_bytes=limit,
+                                  attention_calls=calls)
+        log.info("planned memory of the train step: %s", plan.summary())
+        if plan.fits is False:
+            gib = memory.GIB
+            raise TrainingError(
+                f"the train step needs {plan.total / gib:.1f} GiB per device but {self.device_kind} lets XLA use "
+                f"{limit / gib:.1f} GiB (arguments {plan.arguments / gib:.1f}, temporaries "
+                f"{plan.temporaries / gib:.1f}). Change one of: " + "; ".join(memory.advice(self.config)) +
+                ". `python -m qvl_jax.plan --config <this config> --gpu <card> --devices "
+                f"{g.devices} --max-batch` plans each without a GPU")
+        return compiled, plan
+
     def _write_sharding_summary(self) -> None:
         """Bytes per device of each kind of state, from the arrays as they are laid out (logs/sharding.json)."""
         s = self.state
@@ -91,6 +111,7 @@ class JaxBackend:
             "optimizer_bytes_per_device": sharding_lib.held_bytes(s["opt_state"]),
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(s["params"]))),
             "frozen_params": int(sum(x.size for x in jax.tree.leaves(s["frozen"]))),
+            "planned_bytes_per_device": self.memory_plan.per_device_bytes(),
         }
         log.info("sharding: %s", json.dumps(summary))
         if self.process_index == 0:
@@ -202,6 +223,9 @@ def run(config: RunConfig, *, resume_from: str | None = None, stop_after: int | 
 
 def main(argv=None) -> int:
     args = loop.parse_args("python -m qvl_jax.train", __doc__.splitlines()[0], argv)
+    # On a GPU, XLA's allocator may take this share of the card (JAX's default is 75%); the planner plans for it.
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() not in ("false", "0"):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(gpus.USABLE_FRACTION))
     return loop.main(run, args)
 
 

@@ -49,11 +49,30 @@ def test_run_writes_metrics_checkpoints_label_map_and_hf_export(tmp_path, caplog
     assert (run_dir / "config.yaml").is_file() and (run_dir / "eval" / "confusion_step6.csv").is_file()
     sharding = json.loads((run_dir / "logs" / "sharding.json").read_text())
     assert 0 <= sharding["optimizer_bytes_per_device"] - 2 * sharding["params_bytes_per_device"] <= 64  # mu, nu, counts
+    planned = sharding["planned_bytes_per_device"]  # XLA's memory analysis of the step compiled before step 1
+    assert planned["arguments"] >= sharding["params_bytes_per_device"] + sharding["optimizer_bytes_per_device"]
+    assert planned["total"] > planned["arguments"] and planned["card"] is None  # a CPU: no card to fit
 
     import qvl_jax
 
     exported = qvl_jax.load_hf(run_dir / "hf_final")
     assert exported.config.head.id2label == ("apple_pie", "bibimbap", "churros")
+
+
+def test_a_step_that_does_not_fit_the_device_stops_before_training_with_advice(tmp_path, monkeypatch, capsys):
+    from qvl_jax import memory
+    from qvl_jax.train import main
+
+    monkeypatch.setattr(memory, "device_limit", lambda: 2**20)  # a 1 MiB device
+    path = write_config(tmp_path, tiny_config(tmp_path, training={"batch_size": 2}))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the train step needs 0.0 GiB per device but cpu lets XLA use 0.0 GiB"), err
+    for advice in ("a smaller training.batch_size (now 2)", "training.gradient_checkpointing: true",
+                   "sharding.strategy: fsdp", "python -m qvl_jax.plan --config"):
+        assert advice in err
+    assert not (tmp_path / "outputs" / "run" / "checkpoints").exists() or \
+        not any((tmp_path / "outputs" / "run" / "checkpoints").iterdir())
 
 
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tmp_path):
