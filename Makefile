@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[torch,dev,hf,tfds]"
+	$(PIP) install -q -e ".[torch,dev,hf,tfds,cuda]"
 	touch $@
 
 test: venv

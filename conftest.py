@@ -6,6 +6,11 @@ import tempfile
 
 
 def pytest_configure(config):
+    # JAX on the CPU only, also where the CUDA plugin is installed (the planner's tests compile for GPUs through
+    # it): without a driver its start-up check would fail noisily in every process, and the planner needs the
+    # check skipped before JAX first looks for backends.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     # One JAX compilation cache per test session, shared by the xdist workers and the trainers they start as
     # subprocesses (which inherit the environment): the tiny models' steps compile once instead of once per
     # process. Set before any test imports jax; removed at the end, so nothing carries over between sessions.
