@@ -51,7 +51,10 @@ def _batch(config, seed: int = 0):
     return patches, labels
 
 
-def matmul_peak_tflops(sizes: tuple[int, ...] = (1024, 1536, 2048), repeats: int = 10) -> dict[str, float]:
+CPU_PEAK_SIZES = (1024, 1536, 2048)
+
+
+def matmul_peak_tflops(sizes: tuple[int, ...] = CPU_PEAK_SIZES, repeats: int = 10) -> dict[str, float]:
     """Measured float32 matmul TFLOP/s of this machine, by JAX and by torch: the best of `repeats` square
     matmuls of each size. Several sizes, because the fastest one depends on the caches (on the 2-core machine of
     docs/performance.md, 1024-1536 run ~3-6% faster than 2048, 3072-4096 slower)."""
@@ -80,12 +83,13 @@ def call_times(run, repeats: int) -> list[float]:
     return times
 
 
-def device_peak(device: str | None, config, cpu_before: dict[str, float] | None = None) -> tuple[float | None, str]:
+def device_peak(device: str | None, config, cpu_before: dict[str, float] | None = None,
+                sizes: tuple[int, ...] = CPU_PEAK_SIZES) -> tuple[float | None, str]:
     """`(peak TFLOP/s, where it comes from)` for MFU. `device` None: this CPU's float32 matmul peak, measured now
     (and `cpu_before`, a measurement from before the steps: the higher kept). Else the accelerator's datasheet
     peak (`perf.peak_tflops` overrides it)."""
     if device is None:
-        measured = matmul_peak_tflops()
+        measured = matmul_peak_tflops(sizes)
         if cpu_before:
             measured = {k: max(v, cpu_before[k]) for k, v in measured.items()}
         return max(measured.values()), (f"measured float32 matmul peak (jax {measured['jax']:.3f}, "
@@ -233,7 +237,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", choices=["jax", "torch"], default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cpu-peak-sizes", default=",".join(map(str, CPU_PEAK_SIZES)), metavar="N,N,...",
+                        help="on a CPU: the square float32 matmuls whose best speed is the peak MFU is against")
     args = parser.parse_args(argv)
+    peak_sizes = tuple(int(n) for n in args.cpu_peak_sizes.split(","))
     try:
         config = load_config(args.config, args.set)
         cfg = _model_config(config)
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
 
     # On a CPU the peak is measured before and after the frameworks run and the higher one kept: a noisy
     # neighbour or a clock change during one measurement would otherwise inflate every MFU.
-    cpu_peak_before = None if _gpu_visible() else matmul_peak_tflops()
+    cpu_peak_before = None if _gpu_visible() else matmul_peak_tflops(peak_sizes)
     results, device = {}, None
     for name, fn in (("jax", bench_jax), ("torch", bench_torch)):
         if args.only and name != args.only:
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         results[name] = {"samples_per_second": batch / median, "step_time_s": median,
                          "tflops": step_flops / median / 1e12, **r}
     on_cpu = device is None or "cpu" in str(device).lower()
-    peak, peak_source = device_peak(None if on_cpu else device, config, cpu_peak_before)
+    peak, peak_source = device_peak(None if on_cpu else device, config, cpu_peak_before, peak_sizes)
     for r in results.values():
         r["mfu"] = r["tflops"] / peak if peak else None
     out = {"device": f"{device} ({platform.machine()}, {os.cpu_count()} CPUs)" if on_cpu else device,

@@ -141,7 +141,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cpu-peak-sizes", default=",".join(map(str, bench.CPU_PEAK_SIZES)), metavar="N,N,...",
+                        help="on a CPU: the square float32 matmuls whose best speed is the peak MFU is against")
     args = parser.parse_args(argv)
+    peak_sizes = tuple(int(n) for n in args.cpu_peak_sizes.split(","))
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is warm-up)")
     try:
@@ -153,10 +156,10 @@ def main(argv=None) -> int:
     batch = bench._global_batch(config)
     model_flops = flops_lib.train_flops_per_sample(cfg, config.data.grid_thw, trainable={}) * batch
     on_gpu = bench._gpu_visible()
-    before = None if on_gpu else bench.matmul_peak_tflops()
+    before = None if on_gpu else bench.matmul_peak_tflops(peak_sizes)
     results, alone = run(config, args.rounds)
     device = results["step"]["device"]
-    peak, peak_source = bench.device_peak(device if on_gpu else None, config, before)
+    peak, peak_source = bench.device_peak(device if on_gpu else None, config, before, peak_sizes)
     out = {"device": device, "peak_tflops": peak, "peak_source": peak_source, "batch": batch,
            "analytic_flops_per_step": model_flops, "rounds": args.rounds, "variants": {}}
     print(f"device: {device}; peak {peak and round(peak, 3)} TFLOP/s ({peak_source})")

@@ -8,6 +8,8 @@ from parity_tests.tiny import make_checkpoint
 
 
 def test_check_cli_passes_and_writes_json(tmp_path):
+    """Forward quantities only: the gradient and AdamW checks run in test_end_to_end, and through this CLI in the
+    device-check test (parity_tests/test_bench.py)."""
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=11, flat_config=True,
                            vision={"depth": 2, "hidden_size": 24, "num_heads": 3, "intermediate_size": 40,
                                    "fullatt_block_indexes": [1], "window_size": 84},
@@ -17,7 +19,8 @@ def test_check_cli_passes_and_writes_json(tmp_path):
                                                      "mrope_section": [1, 1, 2]}})
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "parity_tests.check", "--checkpoint", str(ckpt),
-                           "--image-sizes", "140x252,84x56", "--json", str(out)], capture_output=True, text=True)
+                           "--image-sizes", "140x252,84x56", "--no-train", "--json", str(out)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["ok"] is True
