@@ -167,15 +167,16 @@ def _plan_step(config: RunConfig, target: Target, batch_size: int) -> Planned:
                            param_shardings=shardings["params"], grad_shardings=shardings["grads"],
                            opt_shardings=shardings["opt_state"])
     start = time.perf_counter()
-    # JAX's persistent cache cannot read back an executable compiled for a topology without a client: skip it
-    cache_was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    # JAX's persistent cache cannot read back an executable compiled for a topology without a client: write none
+    # (whether the cache is on is decided once per process; the minimum compile time is read at each write)
+    cache_was = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
     try:
         compiled, calls = memory.compile_step(step, state, layout, micro_batch=batch_size,
                                               accumulation=t.gradient_accumulation_steps,
                                               num_patches=config.data.num_patches, device=devices[0])
     finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", cache_was)
     spec = target.spec
     plan = memory.memory_plan(compiled, state, shardings, usable_bytes=spec.usable_bytes,
                               card_bytes=spec.memory_bytes, attention_calls=calls)
