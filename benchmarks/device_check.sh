@@ -10,8 +10,9 @@
 #   here:    benchmarks/fetch_device_wheels.sh
 #   device:  run(command="benchmarks/device_check.sh", carry=[".whl"], timeout_s=600)
 # Arguments are passed on to the benchmark (e.g. `--set` overrides; a test runs this on a CPU with a shrunk model).
-# CHECKS picks the steps (default "doctor parity bench": rerun one alone after it failed); PARITY_SIZES, PARITY_S
-# and BENCH_S set the parity check's image sizes and the two steps' time limits.
+# CHECKS picks the steps (default "doctor parity bench": rerun one alone after it failed; "memory" runs
+# benchmarks/memory_check.py, the planner's memory against the measured peak, in a call of its own); PARITY_SIZES,
+# PARITY_S, BENCH_S and MEMORY_S set the parity check's image sizes and the steps' time limits.
 # Exit status: 0 only when every step run passed (the parity contract held, the benchmark ran).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 PARITY_S="${PARITY_S:-100}" BENCH_S="${BENCH_S:-420}" PARITY_SIZES="${PARITY_SIZES:-140x252,84x56}"
-CHECKS=" ${CHECKS:-doctor parity bench} " PARITY_STATUS=0 BENCH_STATUS=0
+CHECKS=" ${CHECKS:-doctor parity bench} " PARITY_STATUS=0 BENCH_STATUS=0 MEMORY_STATUS=0
 
 if [[ "$CHECKS" == *" doctor "* ]]; then
 { date -u; timeout 60 "$PY" -m qvl_core.doctor; } > "$OUT/doctor.txt" 2>&1
@@ -59,4 +60,10 @@ QVL_DOCTOR=0 timeout "$BENCH_S" bash benchmarks/gpu.sh "$OUT" "$@" 2>&1 | tee "$
 BENCH_STATUS=${PIPESTATUS[0]}
 echo "benchmark exit status $BENCH_STATUS (124: out of time)"
 fi
-[ "$PARITY_STATUS" = 0 ] && [ "$BENCH_STATUS" = 0 ]
+if [[ "$CHECKS" == *" memory "* ]]; then
+echo "== planned vs measured memory (benchmarks/memory_check.py)"
+timeout "${MEMORY_S:-420}" "$PY" benchmarks/memory_check.py --json "$OUT/memory.json" 2>&1 | tee "$OUT/memory.log"
+MEMORY_STATUS=${PIPESTATUS[0]}
+echo "memory check exit status $MEMORY_STATUS (124: out of time)"
+fi
+[ "$PARITY_STATUS" = 0 ] && [ "$BENCH_STATUS" = 0 ] && [ "$MEMORY_STATUS" = 0 ]
