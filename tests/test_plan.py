@@ -150,6 +150,17 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
     assert "does not match a known Qwen2.5-VL size" in capsys.readouterr().err
 
 
+def test_without_the_cuda_plugin_the_error_names_the_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real(name, *a))
+    monkeypatch.setattr(plan_lib, "_TOPOLOGIES", {})
+    assert plan_lib.main(["--config", str(_config(tmp_path)), "--gpu", "a100-80gb", "--devices", "1"]) == 2
+    assert "pip install -e '.[cuda]'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size", ["3B", "7B"])
 def test_real_shapes_compile_for_an_h100(tmp_path, size):
     """The published 3B and 7B shapes (one small step: 56 px, batch 1) compile for an H100 with cuDNN attention."""
