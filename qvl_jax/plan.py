@@ -280,6 +280,12 @@ def _unit(total: int) -> tuple[int, str]:
     return (GIB, "GiB") if total >= GIB else (2**20, "MiB")
 
 
+def _last_line(e: Exception) -> str:
+    """The cause of a compile error: the last line of XLA's message that names one."""
+    lines = [line.strip() for line in str(e).splitlines() if "Error" in line or "error" in line]
+    return lines[-1] if lines else str(e).splitlines()[0]
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
@@ -347,6 +353,10 @@ def main(argv=None) -> int:
     except (SchemaError, PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:  # XLA could not compile the step for this topology
+        print(f"error: the train step does not compile for {args.devices} x {args.gpu}: {_last_line(e)}",
+              file=sys.stderr)
+        return 2
     print(report(config, args, target, planned, source))
     out = {"config": args.config, "gpu": target.gpu, "device_kind": target.spec.name, "devices": target.devices,
            "hosts": target.hosts, "batch_size": planned.batch_size, "fits": planned.plan.fits,
@@ -386,7 +396,13 @@ def main(argv=None) -> int:
             out["alternatives"] = []
             for change, alt_config, alt_target in _alternatives(args, config, target):
                 say(f"compiling with {change} ...")
-                p = plan_step(alt_config, alt_target, batch_size=1).plan
+                try:
+                    p = plan_step(alt_config, alt_target, batch_size=1).plan
+                except jax.errors.JaxRuntimeError as e:
+                    out["alternatives"].append({"change": change, "total_bytes": None, "fits": False,
+                                                "error": _last_line(e)})
+                    print(f"  {change:40} does not compile: {_last_line(e)}")
+                    continue
                 out["alternatives"].append({"change": change, "total_bytes": p.total, "fits": p.fits})
                 print(f"  {change:40} {_gib(p.total, unit):>8} {unit_name}  {'fits' if p.fits else 'does not fit'}")
     if args.json:

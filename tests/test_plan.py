@@ -150,6 +150,22 @@ def test_plan_errors_are_one_line(tmp_path, capsys):
     assert "does not match a known Qwen2.5-VL size" in capsys.readouterr().err
 
 
+def test_a_step_xla_cannot_compile_is_one_line(tmp_path, monkeypatch, capsys):
+    import jax
+
+    from qvl_jax import memory
+
+    def refuse(*a, **k):  # what XLA raised for 7B under fsdp on 8 devices with cuDNN attention (see the README)
+        raise jax.errors.JaxRuntimeError("INTERNAL: custom_partitioner: Traceback (most recent call last):\n  ...\n"
+                                         "IndivisibleError: dim_size=4 is not divisible by axis_size=8.")
+
+    monkeypatch.setattr(memory, "compile_step", refuse)
+    assert plan_lib.main(["--config", str(_config(tmp_path)), "--devices", "8"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the train step does not compile for 8 x h100-80gb: IndivisibleError: dim_size=4 is not divisible by "
+        "axis_size=8.")
+
+
 def test_without_the_cuda_plugin_the_error_names_the_install(tmp_path, monkeypatch, capsys):
     import importlib.util
 
