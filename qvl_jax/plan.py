@@ -202,12 +202,11 @@ def find_max_batch(plan_at, *, limit: int = MAX_BATCH) -> tuple[int | None, dict
         return None, totals
     lo, hi = 1, None  # lo fits; hi (when known) does not
     while hi is None or hi - lo > 1:
-        known = sorted(totals)
-        a, b = (known[-2], known[-1]) if len(known) > 1 else (None, None)
-        if a is None:
+        if len(totals) == 1:
             probe = 2
-        else:
-            slope = max((totals[b] - totals[a]) / (b - a), 1)
+        else:  # the line through the fitting batch and the nearest other plan (the growth is rarely linear)
+            other = min((b for b in totals if b != lo), key=lambda b: abs(b - lo))
+            slope = max((totals[other] - totals[lo]) / (other - lo), 1)
             probe = int(lo + (usable - totals[lo]) // slope)
         upper = hi - 1 if hi is not None else min(limit, 8 * lo)  # far beyond what was measured: approach it
         probe = min(max(probe, lo + 1), upper)
@@ -219,9 +218,6 @@ def find_max_batch(plan_at, *, limit: int = MAX_BATCH) -> tuple[int | None, dict
                 break
         else:
             hi = probe
-            # the nearest fitting batch below is the next probe, if the line said this one would fit
-            if probe - 1 > lo and probe - 1 not in totals and fits(probe - 1):
-                lo = probe - 1
     return lo, totals
 
 
