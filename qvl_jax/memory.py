@@ -1,9 +1,9 @@
 """What a compiled train step holds per device: the memory plan the trainer checks and `qvl_jax.plan` prints.
 
     step = make_train_step(...)                                   # qvl_jax.steps
-    compiled = step.lower(*abstract_inputs(state, layout, ...)).compile()
-    plan = memory_plan(compiled, state, shardings, usable_bytes=...)
-    plan.fits, plan.total, plan.breakdown()
+    compiled, calls = compile_step(step, state, layout, micro_batch=..., accumulation=..., num_patches=...)
+    plan = memory_plan(compiled, state, shardings, usable_bytes=..., card_bytes=..., attention_calls=calls)
+    plan.fits, plan.total, plan.per_device_bytes()
 
 XLA's memory analysis gives per device the bytes of the step's arguments (the
 state and the batch), its outputs, the outputs that reuse a donated argument's
