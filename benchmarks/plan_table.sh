@@ -29,7 +29,7 @@ for size in ("3B", "7B"):
         r = json.load(open(f"{out}/{size}_{strategy}.json"))
         b = r["max_batch"]
         at = r["max_batch_totals"].get(str(b)) if b else None
-        states = r["per_device_bytes"]["master_params"] + r["per_device_bytes"]["optimizer"]
+        states = sum(r["per_device_bytes"][k] for k in ("compute_params", "master_params", "optimizer"))
         print(f"| {size} | {strategy} | {b if b else 'none'} | {at / 2**30:.1f} |" if at else f"| {size} | {strategy} | none | - |", end="")
         print(f" {states / 2**30:.1f} |")
 PY

@@ -111,8 +111,8 @@ def _gpu_visible() -> bool:
 
 
 def jax_step(config, tx=None) -> dict:
-    """The JAX trainer's step on random weights and a random batch, compiled: `compiled(params, frozen,
-    opt_state, batch)` (and `step`, the jitted function it came from). `tx` replaces the config's optimizer
+    """The JAX trainer's step on random weights and a random batch, compiled: `compiled(trained, frozen,
+    batch)` (and `step`, the jitted function it came from; `trained`: params, compute copy, optimizer state). `tx` replaces the config's optimizer
     (parity_tests/ceiling.py swaps in SGD)."""
     import jax
     import jax.numpy as jnp
@@ -133,18 +133,18 @@ def jax_step(config, tx=None) -> dict:
     if tx is None:
         tx, _ = make_optimizer(config, params, total_steps=1000)
     param_sh = jax.tree.map(lambda x: layout.replicated(), params)
-    opt_state = tx.init(params)
-    opt_sh = jax.tree.map(lambda x: layout.replicated(), opt_state)
+    trained = {"params": params, "compute": None, "opt_state": tx.init(params)}  # one device: no compute copy
+    shardings = {"params": param_sh, "compute": None, "grads": param_sh,
+                 "opt_state": jax.tree.map(lambda x: layout.replicated(), trained["opt_state"])}
     patches, labels = _batch(config)
 
     def lower(accum):
-        step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
-                               label_smoothing=0.0, accum=accum, param_shardings=param_sh, grad_shardings=param_sh,
-                               opt_shardings=opt_sh)
+        step = make_train_step(graphdef, tx, layout, shardings, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+                               label_smoothing=0.0, accum=accum)
         batch = {"patches": jnp.asarray(patches.reshape(accum, -1, *patches.shape[1:])),
                  "label": jnp.asarray(labels.reshape(accum, -1)),
                  "valid": jnp.ones((accum, len(labels) // accum), bool)}
-        return step, step.lower(params, frozen, opt_state, batch), batch
+        return step, step.lower(trained, frozen, batch), batch
 
     accum = t.gradient_accumulation_steps
     step_fn, lowered, batch = lower(accum)
@@ -153,7 +153,7 @@ def jax_step(config, tx=None) -> dict:
     # count comes from the same step lowered over the whole batch at once (lowered only, not compiled).
     cost = (compiled if accum == 1 else lower(1)[1]).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"compiled": compiled, "step": step_fn, "params": params, "frozen": frozen, "opt_state": opt_state,
+    return {"compiled": compiled, "step": step_fn, "trained": trained, "frozen": frozen,
             "batch": batch, "xla_flops": float(cost.get("flops", float("nan"))), "device": jax.devices()[0].device_kind,
             "attention": jax_attention(cfg, opts)}
 
@@ -173,11 +173,11 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
     import jax
 
     s = jax_step(config)
-    compiled, params, frozen, opt_state, batch = (s[k] for k in ("compiled", "params", "frozen", "opt_state", "batch"))
+    compiled, trained, frozen, batch = (s[k] for k in ("compiled", "trained", "frozen", "batch"))
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        params, opt_state, m = compiled(params, frozen, opt_state, batch)
+        trained, m = compiled(trained, frozen, batch)
         jax.block_until_ready(m["loss"])
         if i >= warmup:
             times.append(time.perf_counter() - t0)

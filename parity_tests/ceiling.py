@@ -117,19 +117,19 @@ def run(config, rounds: int) -> dict:
         raise RuntimeError("the attention stand-in did not change the compiled step (is attention running through "
                            "cuDNN? set training.memory_efficient_attention=false)")
     first = steps["step"]
-    alone = matmuls_alone(first["step"], (first["params"], first["frozen"], first["opt_state"], first["batch"]))
-    state = {name: (s["params"], s["opt_state"]) for name, s in steps.items()}
+    alone = matmuls_alone(first["step"], (first["trained"], first["frozen"], first["batch"]))
+    state = {name: s["trained"] for name, s in steps.items()}
     times = {name: [] for name in VARIANTS}
     for r in range(rounds):
         for name in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             s = steps[name]
-            params, opt_state = state[name]
+            trained = state[name]
             for _ in range(STEPS_PER_ROUND):
                 t0 = time.perf_counter()
-                params, opt_state, m = s["compiled"](params, s["frozen"], opt_state, s["batch"])
+                trained, m = s["compiled"](trained, s["frozen"], s["batch"])
                 jax.block_until_ready(m["loss"])
                 times[name].append(time.perf_counter() - t0)
-            state[name] = params, opt_state
+            state[name] = trained
     # The first round includes each executable's first run.
     return {name: {"step_times": t[STEPS_PER_ROUND:], "xla_flops": steps[name]["xla_flops"],
                    "device": steps[name]["device"]} for name, t in times.items()}, alone

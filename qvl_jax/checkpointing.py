@@ -1,6 +1,7 @@
 """orbax checkpoints of a run: model + optimizer state, the grain iterator, and run metadata.
 
-    <run>/checkpoints/<step>/state   params, frozen params, optimizer state (orbax, sharded arrays)
+    <run>/checkpoints/<step>/state   params, frozen params, optimizer state (orbax, sharded arrays); not the
+                                     compute copy, which is cast from the params
     <run>/checkpoints/<step>/data    the grain iterator of every process (one JSON per process)
     <run>/checkpoints/<step>/meta    step, best step/accuracy, label map, resolved config
     <run>/checkpoints/best.json      {"step": ..., "accuracy": ...}: the best checkpoint by eval accuracy
@@ -22,6 +23,8 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+SAVED = ("params", "frozen", "opt_state")  # the parts of a training state a checkpoint holds
+
 
 def _rank(metrics: dict) -> tuple[float, int]:
     return metrics["accuracy"], -metrics["step"]  # best accuracy; the earliest step on ties
@@ -39,7 +42,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: dict, iterator, meta: dict, *, accuracy: float | None) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+        args = ocp.args.Composite(state=ocp.args.StandardSave({k: state[k] for k in SAVED}),
                                   data=grain.checkpoint.CheckpointSave(iterator),
                                   meta=ocp.args.JsonSave(meta))
         metrics = None if accuracy is None else {"accuracy": float(accuracy), "step": step}
@@ -65,14 +68,15 @@ class Checkpoints:
         return latest_checkpoint(directory, Checkpoints.is_checkpoint)
 
     def restore(self, step_dir: Path, template: dict, iterator=None) -> tuple[dict, dict, bool]:
-        """(state laid out like `template`, meta, whether `iterator` was restored).
+        """(the `SAVED` parts of a state laid out like `template`'s, meta, whether `iterator` was restored).
 
         The iterator is set to its saved position when given and when the checkpoint
         holds a state for this process (same process count); otherwise the caller
         positions it from the step.
         """
         step_dir = Path(step_dir).absolute()
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                {k: template[k] for k in SAVED})
         reader = self.manager if step_dir.parent == self.directory else ocp.CheckpointManager(step_dir.parent)
         mine = step_dir / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}

@@ -7,8 +7,8 @@
 
 XLA's memory analysis gives per device the bytes of the step's arguments (the
 state and the batch), its outputs, the outputs that reuse a donated argument's
-buffer (aliases) and its temporaries (activations, gradients, the compute-dtype
-copy of the weights, collective buffers). The peak of a step is about
+buffer (aliases) and its temporaries (activations, gradients, the weights cast
+to the compute dtype when the state keeps no compute copy, collective buffers). The peak of a step is about
 `arguments + outputs - aliases + temporaries`; `total` is that. The kinds of state
 inside the arguments (master weights, optimizer state) and the gradients inside
 the temporaries are counted from the shardings, to show where the bytes go.
@@ -37,8 +37,9 @@ _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 
 def abstract_inputs(state: dict, layout: sharding_lib.Layout, *, micro_batch: int, accumulation: int,
                     num_patches: int) -> tuple:
-    """The train step's arguments as sharded ShapeDtypeStructs: `state` (arrays or abstract) and one global batch
-    `[accumulation, micro_batch x devices, ...]` as `qvl_jax.steps.to_global` lays it out."""
+    """The train step's arguments as sharded ShapeDtypeStructs: (trained, frozen, batch) of `state` (arrays or
+    abstract) and one global batch `[accumulation, micro_batch x devices, ...]` as `qvl_jax.steps.to_global`
+    lays it out."""
     def abstract(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -48,7 +49,7 @@ def abstract_inputs(state: dict, layout: sharding_lib.Layout, *, micro_batch: in
         "label": jax.ShapeDtypeStruct(rows, np.int32, sharding=layout.batch(2, axis=1)),
         "valid": jax.ShapeDtypeStruct(rows, np.bool_, sharding=layout.batch(2, axis=1)),
     }
-    return abstract(state["params"]), abstract(state["frozen"]), abstract(state["opt_state"]), batch
+    return abstract({k: state[k] for k in ("params", "compute", "opt_state")}), abstract(state["frozen"]), batch
 
 
 def compile_step(step, state: dict, layout: sharding_lib.Layout, *, micro_batch: int, accumulation: int,
@@ -138,8 +139,9 @@ class MemoryPlan:
 
 
 def memory_plan(compiled, state: dict, shardings: dict, *, usable_bytes: int | None, card_bytes: int | None,
-                attention_calls: list[str], compute_params: int = 0) -> MemoryPlan:
-    """The plan of a compiled train step. `state`: {params, frozen, opt_state} (arrays or sharded abstract);
+                attention_calls: list[str]) -> MemoryPlan:
+    """The plan of a compiled train step. `state`: {params, compute, frozen, opt_state} (arrays or sharded
+    abstract);
     `shardings`: {grads} as the step constrains them; `attention_calls`: what `qvl_jax.attention.target` recorded
     while the step was traced."""
     m = compiled.memory_analysis()
@@ -147,7 +149,7 @@ def memory_plan(compiled, state: dict, shardings: dict, *, usable_bytes: int | N
     return MemoryPlan(
         arguments=int(m.argument_size_in_bytes), outputs=int(m.output_size_in_bytes),
         aliases=int(m.alias_size_in_bytes), temporaries=int(m.temp_size_in_bytes),
-        compute_params=compute_params,
+        compute_params=_bytes(state["compute"]),
         master_params=_bytes(state["params"]) + _bytes(state["frozen"]),
         gradients=sharding_lib.bytes_per_device(state["params"], shardings["grads"]),
         optimizer=_bytes(state["opt_state"]), card=card_bytes, usable=usable_bytes,

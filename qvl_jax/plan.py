@@ -161,11 +161,11 @@ def _plan_step(config: RunConfig, target: Target, batch_size: int) -> Planned:
     opts = RuntimeOptions.for_run(config)
     graphdef, state = abstract_state(config, cfg, opts, layout)
     tx, _ = make_optimizer(config, state["params"], total_steps=1)
-    shardings = state_shardings(layout, state["params"], tx)
-    step = make_train_step(graphdef, tx, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
+    dtypes = None if state["compute"] is None else jax.tree.map(lambda x: x.dtype, state["compute"])
+    shardings = state_shardings(layout, state["params"], tx, dtypes)
+    step = make_train_step(graphdef, tx, layout, shardings, grid=config.data.grid_thw, dtype=opts.jnp_dtype,
                            label_smoothing=t.label_smoothing, accum=t.gradient_accumulation_steps,
-                           param_shardings=shardings["params"], grad_shardings=shardings["grads"],
-                           opt_shardings=shardings["opt_state"])
+                           compute_dtypes=dtypes)
     start = time.perf_counter()
     # JAX's persistent cache cannot read back an executable compiled for a topology without a client: write none
     # (whether the cache is on is decided once per process; the minimum compile time is read at each write)
@@ -290,10 +290,16 @@ def report(config: RunConfig, args, target: Target, planned: Planned, source: st
     p, spec, t = planned.plan, target.spec, config.training
     h, w = config.data.image_hw
     m = config.model
-    in_step = "cast inside the step" if p.compute_params == 0 and m.compute_dtype != m.param_dtype else ""
+    strategy = config.sharding.strategy
+    if p.compute_params:
+        copy_note = "the weights used, " + ("sharded" if strategy == "fsdp" else "whole on each device")
+        master_note = "trainable (sharded) and frozen weights"
+    else:
+        copy_note = "cast inside the step" if m.compute_dtype != m.param_dtype else ""
+        master_note = "trainable and frozen weights" + (", sharded" if strategy == "fsdp" else "")
     rows = [
-        (f"compute params ({m.compute_dtype})", p.compute_params, in_step),
-        (f"master params ({m.param_dtype})", p.master_params, "trainable and frozen weights"),
+        (f"compute params ({m.compute_dtype})", p.compute_params, copy_note),
+        (f"master params ({m.param_dtype})", p.master_params, master_note),
         ("gradients", p.gradients, f"{m.param_dtype}, inside the temporaries"),
         ("optimizer state (AdamW)", p.optimizer, "two moments per trainable weight"),
         ("arguments (XLA)", p.arguments, "state + batch"),

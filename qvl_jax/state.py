@@ -3,9 +3,26 @@
     cfg, _ = model_config(config, label_map)              # the classifier's QwenVLConfig (labels checked)
     model = create_model(config, cfg, opts, layout)       # every parameter created in its sharding
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
+    dtypes = compute_copy_dtypes(model, params, layout)   # dtypes of a compute copy of the weights, or None
     tx, schedule = make_optimizer(config, params, total_steps)
-    shardings = state_shardings(layout, params, tx)       # params, grads (as the step lays them out), opt_state
+    shardings = state_shardings(layout, params, tx, dtypes)   # params, compute, grads, opt_state
+    compute = compute_copy(params, dtypes, shardings["compute"])
     graphdef, template = abstract_state(config, cfg, opts, layout)   # a restore target, nothing allocated
+
+Master weights and the compute copy (ZeRO-2 as DeepSpeed lays it out). Under
+zero2 and fsdp with a compute dtype narrower than the parameters (bf16 compute,
+float32 parameters), `params` are the float32 master weights, sharded over
+`data` like the AdamW moments, and `compute` holds the weights as the forward
+and backward passes use them, laid out as `Layout.params` says (whole on every
+device under zero2, sharded under fsdp). Each step differentiates with respect
+to `compute`, updates its shard of `params`, and casts the new shard before it
+is all-gathered into the next `compute`. Only weights the model casts to the
+compute dtype before any use are narrower in `compute` (the kernels and biases
+of `Linear` layers, embeddings), so the numbers are those of a step on the
+float32 weights: norm scales, the patch embedding (summed over time in float32
+first) and the float32 head keep their dtype. Otherwise (dp, one device, or
+float32 compute) `compute` is None and the step runs on `params`, laid out by
+`Layout.params`, casting inside.
 
 The trainer, `qvl_jax.evaluate` and the benchmarks build their state here.
 """
@@ -15,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -68,11 +86,72 @@ def trainable_filter(model_cfg) -> Any:
     return lambda path, _value: parts.key_trains(hf_key(path), model_cfg)
 
 
+def _path_names(path) -> tuple:
+    """A tree path over an nnx State -> its names (the `.value` attribute at the end dropped)."""
+    return tuple(getattr(p, "key", p) for p in path if not isinstance(p, jax.tree_util.GetAttrKey))
+
+
+def compute_dtypes(model, params) -> Any:
+    """Per trainable parameter (`params`, a State of `model`, concrete or abstract): the dtype the model computes
+    with it. Linear and Embed layers cast their weights to their compute dtype before any use, unless a parent
+    module reads them itself (`reads_weights_of`); every other weight is used in its own dtype."""
+    casts, own_use = {}, set()
+    for path, module in nnx.iter_modules(model):
+        own_use.update((*path, child) for child in getattr(module, "reads_weights_of", ()))
+        if isinstance(module, (nnx.Linear, nnx.Embed)) and module.dtype is not None:
+            for name in ("kernel", "bias", "embedding"):
+                casts[(*path, name)] = jnp.dtype(module.dtype)
+    casts = {path: d for path, d in casts.items() if path[:-1] not in own_use}
+    return jax.tree_util.tree_map_with_path(lambda p, x: casts.get(_path_names(p), jnp.dtype(x.dtype)), params)
+
+
+def keeps_compute_copy(layout: sharding_lib.Layout, params, dtypes) -> bool:
+    """Whether a run holds a compute copy: under zero2 and fsdp on several devices, when some weight is computed
+    in a narrower dtype than it is stored in. (On one device the copy would add 2 bytes per weight to the 4 of
+    the master weights, which are not sharded there; dp keeps every weight whole anyway.)"""
+    return layout.strategy != "dp" and layout.axis_size > 1 and any(
+        d.itemsize < jnp.dtype(x.dtype).itemsize for d, x in zip(jax.tree.leaves(dtypes), jax.tree.leaves(params)))
+
+
+def compute_copy_dtypes(model, params, layout: sharding_lib.Layout) -> Any | None:
+    """`compute_dtypes` when the run keeps a compute copy (`keeps_compute_copy`), else None."""
+    dtypes = compute_dtypes(model, params)
+    return dtypes if keeps_compute_copy(layout, params, dtypes) else None
+
+
+def cast_to(params, dtypes):
+    """`params` cast leaf by leaf to `dtypes` (see `compute_dtypes`)."""
+    return jax.tree.map(lambda x, d: x.astype(d), params, dtypes)
+
+
+def compute_copy(params, dtypes, shardings):
+    """The compute copy of `params` (None when `dtypes` is None), laid out by `shardings`."""
+    if dtypes is None:
+        return None
+    return jax.jit(lambda p: cast_to(p, dtypes), out_shardings=shardings)(params)
+
+
+def _placement(config: RunConfig, abstract_model, layout: sharding_lib.Layout):
+    """(graphdef, shardings of every parameter of the model, the compute dtypes): trainable weights of a run with
+    a compute copy are master weights, sharded like the optimizer state; the rest as `Layout.params` says."""
+    graphdef, everything = nnx.split(abstract_model)
+    _, params, _ = nnx.split(abstract_model, trainable_filter(config.model), ...)
+    dtypes = compute_copy_dtypes(abstract_model, params, layout)
+    trains = trainable_filter(config.model)
+
+    def sharding(path, x):
+        if dtypes is not None and trains(_path_names(path), x):
+            return layout.sharded(x.shape)
+        return layout.params(x)
+
+    return graphdef, jax.tree_util.tree_map_with_path(sharding, everything), dtypes
+
+
 def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
-    """The classifier with every parameter already in its sharding (never whole on one device)."""
+    """The classifier with every parameter already in its sharding (never whole on one device unless it is laid
+    out whole): trainable weights in their master sharding (see the module's docstring)."""
     abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))
-    graphdef, abstract_params = nnx.split(abstract)
-    shardings = layout.params(abstract_params)
+    graphdef, shardings, _ = _placement(config, abstract, layout)
     if config.model.pretrained_name is None:
         def init():
             return nnx.split(QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))[1]
@@ -92,24 +171,31 @@ def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, lay
 
 
 def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
-    """(graphdef, {params, frozen, opt_state} as sharded ShapeDtypeStructs): a restore target, nothing allocated."""
+    """(graphdef, {params, compute, frozen, opt_state} as sharded ShapeDtypeStructs, laid out as the trainer lays
+    them out): a restore target, nothing allocated. `compute` is None when the run keeps no compute copy."""
     abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0)))
-    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.model), ...)
-    tx, _ = make_optimizer(config, params, total_steps=1)
-    opt_state = jax.eval_shape(tx.init, params)
+    graphdef, placed, dtypes = _placement(config, abstract, layout)
 
     def place(tree, shardings):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
-    return graphdef, {"params": place(params, layout.params(params)), "frozen": place(frozen, layout.params(frozen)),
-                      "opt_state": place(opt_state, layout.optimizer(opt_state))}
+    abstract = nnx.merge(graphdef, place(nnx.split(abstract)[1], placed))
+    graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.model), ...)
+    tx, _ = make_optimizer(config, params, total_steps=1)
+    shardings = state_shardings(layout, params, tx, dtypes)
+    compute = None if dtypes is None else place(jax.eval_shape(lambda p: cast_to(p, dtypes), params),
+                                                shardings["compute"])
+    return graphdef, {"params": params, "compute": compute, "frozen": frozen,
+                      "opt_state": place(jax.eval_shape(tx.init, params), shardings["opt_state"])}
 
 
-def state_shardings(layout: sharding_lib.Layout, params, tx) -> dict:
-    """Shardings of the trainable params, their gradients (as the step constrains them) and the optimizer state."""
+def state_shardings(layout: sharding_lib.Layout, params, tx, dtypes=None) -> dict:
+    """Shardings of the trainable params (as placed), their compute copy (None without one), their gradients
+    (as the step constrains them) and the optimizer state."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     grad_sh = layout.optimizer(params) if layout.strategy != "dp" else param_sh
-    return {"params": param_sh, "grads": grad_sh, "opt_state": layout.optimizer(jax.eval_shape(tx.init, params))}
+    return {"params": param_sh, "compute": None if dtypes is None else layout.params(params), "grads": grad_sh,
+            "opt_state": layout.optimizer(jax.eval_shape(tx.init, params))}
 
 
 def lr_schedule(t, peak: float, total_steps: int):

@@ -1,8 +1,9 @@
 """The jitted train and eval steps, and moving batches between the host and the mesh.
 
-    train_step = make_train_step(graphdef, tx, layout, grid=..., dtype=..., label_smoothing=..., accum=...,
-                                 param_shardings=..., grad_shardings=..., opt_shardings=...)
-    params, opt_state, measurements = train_step(params, frozen, opt_state, to_global(batch, layout, accum=...))
+    train_step = make_train_step(graphdef, tx, layout, shardings, grid=..., dtype=..., label_smoothing=...,
+                                 accum=..., compute_dtypes=...)       # shardings, dtypes: qvl_jax.state
+    trained, measurements = train_step(trained, frozen, to_global(batch, layout, accum=...))
+    # trained: {"params", "compute", "opt_state"} (TRAINED), donated and returned updated
 
 The trainer, `qvl_jax.evaluate` and the benchmarks all run these functions.
 """
@@ -18,6 +19,13 @@ from flax import nnx
 from qvl_core.runs import EvalTally, process_rss_gb
 from qvl_jax.input_pipeline import make_loader
 from qvl_jax.pixels import frame_values
+
+TRAINED = ("params", "compute", "opt_state")  # the parts of a training state a train step updates
+
+
+def weights(state: dict):
+    """The trainable weights the model computes with: the compute copy when the state keeps one."""
+    return state["params"] if state.get("compute") is None else state["compute"]
 
 
 def _logits(graphdef, params, frozen, patches, grid, dtype):
@@ -44,27 +52,35 @@ def make_eval_step(graphdef, layout, *, grid, dtype, top_k: int = 5):
     return jax.jit(eval_step, out_shardings=(layout.batch(1), layout.batch(2)))
 
 
-def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum, param_shardings, grad_shardings,
-                    opt_shardings, return_grads: bool = False):
-    """Jitted `(params, frozen, opt_state, batch) -> (params, opt_state, measurements)`; params and
-    optimizer state donated. `batch` leaves are [accum, micro, ...]; gradients are summed over the
-    micro-batches (constrained to `grad_shardings`: reduce-scatter under zero2/fsdp) and divided by the
-    number of valid examples of the whole batch.
+def make_train_step(graphdef, tx, layout, shardings: dict, *, grid, dtype, label_smoothing, accum,
+                    compute_dtypes=None, return_grads: bool = False):
+    """Jitted `(trained, frozen, batch) -> (trained, measurements)`, `trained` = {params, compute, opt_state}
+    (donated); `shardings` and `compute_dtypes` as `qvl_jax.state` makes them. `batch` leaves are
+    [accum, micro, ...]; gradients (with respect to the compute copy when there is one, in the parameters'
+    dtype) are summed over the micro-batches (constrained to `shardings["grads"]`: reduce-scatter under
+    zero2/fsdp) and divided by the number of valid examples of the whole batch. With a compute copy, the
+    updated master shard is cast and all-gathered into the next copy.
 
     `return_grads`: measurements["grads"] holds the gradients as the step laid them out (their output
     sharding is left to XLA, so it shows what the constraint produced): for tests and memory plans."""
+    grad_shardings = shardings["grads"]
 
-    def loss_sum(params, frozen, micro):
-        logits = _logits(graphdef, params, frozen, micro["patches"], grid, dtype)
+    def loss_sum(weights, frozen, micro):
+        logits = _logits(graphdef, weights, frozen, micro["patches"], grid, dtype)
         w = micro["valid"].astype(jnp.float32)
         ce = example_losses(logits, micro["label"], label_smoothing)
         correct = (jnp.argmax(logits, -1) == micro["label"]).astype(jnp.float32)
         return jnp.sum(ce * w), (jnp.sum(w), jnp.sum(correct * w))
 
-    def train_step(params, frozen, opt_state, batch):
+    def train_step(trained, frozen, batch):
+        params, compute, opt_state = (trained[k] for k in TRAINED)
+        used = params if compute is None else compute
+
         def micro_step(carry, micro):
             grads, total, count, correct = carry
-            (s, (n, c)), g = jax.value_and_grad(loss_sum, has_aux=True)(params, frozen, micro)
+            (s, (n, c)), g = jax.value_and_grad(loss_sum, has_aux=True)(used, frozen, micro)
+            # d/d(compute copy) is d/d(master): the model's cast has the identity as its gradient
+            g = jax.tree.map(lambda g, p: g.astype(p.dtype), g, params)
             g = jax.lax.with_sharding_constraint(g, grad_shardings)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + n, correct + c), None
 
@@ -79,6 +95,10 @@ def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum
         loss = total / denom
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        new_compute = None
+        if compute is not None:  # cast where the new master shard is, then gathered (the output sharding)
+            new_compute = jax.tree.map(lambda p, d, s: jax.lax.with_sharding_constraint(p.astype(d), s),
+                                       new_params, compute_dtypes, shardings["params"])
         grad_norm = optax.global_norm(grads)
         measurements = {
             "loss": loss,
@@ -89,13 +109,14 @@ def make_train_step(graphdef, tx, layout, *, grid, dtype, label_smoothing, accum
         }
         if return_grads:
             measurements["grads"] = grads
-        return new_params, new_opt_state, measurements
+        return {"params": new_params, "compute": new_compute, "opt_state": new_opt_state}, measurements
 
     measured = layout.replicated()
     if return_grads:
         measured = {k: layout.replicated() for k in ("loss", "accuracy", "examples", "grad_norm", "finite")}
-        measured["grads"] = jax.tree.map(lambda _: None, param_shardings)
-    return jax.jit(train_step, donate_argnums=(0, 2), out_shardings=(param_shardings, opt_shardings, measured))
+        measured["grads"] = jax.tree.map(lambda _: None, shardings["params"])
+    trained = {k: shardings[k] for k in TRAINED}
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(trained, measured))
 
 
 def to_global(batch: dict, layout, *, accum: int | None) -> dict:
@@ -144,6 +165,6 @@ def evaluate(state, eval_step, data, sources, layout, *, num_threads: int = 1) -
                              num_workers=0, num_threads=num_threads, drop_remainder=False)
         for batch in loader:
             arrays = to_global(batch, layout, accum=None)
-            losses, preds = eval_step(state["params"], state["frozen"], arrays)
+            losses, preds = eval_step(weights(state), state["frozen"], arrays)
             tally.add(name, to_host(losses), to_host(preds), to_host(arrays["label"]), to_host(arrays["valid"]))
     return tally

@@ -32,8 +32,10 @@ from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.hf_io import save_hf
 from qvl_jax.input_pipeline import make_loader, read_ahead
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.state import create_model, make_optimizer, model_config, state_shardings, trainable_filter
-from qvl_jax.steps import device_memory_gb, evaluate, make_eval_step, make_train_step, to_global, to_host
+from qvl_jax.state import (compute_copy, compute_copy_dtypes, create_model, make_optimizer, model_config,
+                           state_shardings, trainable_filter)
+from qvl_jax.steps import (TRAINED, device_memory_gb, evaluate, make_eval_step, make_train_step, to_global,
+                           to_host)
 
 log = logging.getLogger("qvl_jax.train")
 TrainingError = loop.TrainingError
@@ -53,10 +55,12 @@ class JaxBackend:
         self.model_config, _ = model_config(config, data.label_map)
         model = create_model(config, self.model_config, opts, layout)
         self.graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
+        self.compute_dtypes = compute_copy_dtypes(model, params, layout)
         del model
         self.tx, self.lr_at = make_optimizer(config, params, geometry.total_steps)
-        self.shardings = state_shardings(layout, params, self.tx)
+        self.shardings = state_shardings(layout, params, self.tx, self.compute_dtypes)
         self.state = {"params": params, "frozen": frozen,
+                      "compute": compute_copy(params, self.compute_dtypes, self.shardings["compute"]),
                       "opt_state": jax.jit(self.tx.init, out_shardings=self.shardings["opt_state"])(params)}
         self._train_step, self.memory_plan = self._compile_step()
         self._eval_step = make_eval_step(self.graphdef, layout, grid=config.data.grid_thw, dtype=opts.jnp_dtype)
@@ -74,11 +78,11 @@ class JaxBackend:
 
     def make_step(self, *, return_grads: bool = False):
         """The jitted train step of this run (`qvl_jax.steps.make_train_step`)."""
-        c, sh = self.config, self.shardings
-        return make_train_step(self.graphdef, self.tx, self.layout, grid=c.data.grid_thw,
+        c = self.config
+        return make_train_step(self.graphdef, self.tx, self.layout, self.shardings, grid=c.data.grid_thw,
                                dtype=self.opts.jnp_dtype, label_smoothing=c.training.label_smoothing,
-                               accum=self.geometry.accumulation, param_shardings=sh["params"],
-                               grad_shardings=sh["grads"], opt_shardings=sh["opt_state"], return_grads=return_grads)
+                               accum=self.geometry.accumulation, compute_dtypes=self.compute_dtypes,
+                               return_grads=return_grads)
 
     def _compile_step(self):
         """The train step compiled before the first batch (`qvl_jax.memory`): its per-device memory plan is logged,
@@ -103,11 +107,12 @@ class JaxBackend:
 
     def _write_sharding_summary(self) -> None:
         """Bytes per device of each kind of state, from the arrays as they are laid out (logs/sharding.json)."""
-        s = self.state
+        s, plan = self.state, self.memory_plan
         summary = {
             "strategy": self.layout.strategy, "devices": self.geometry.devices,
             "params_bytes_per_device": sharding_lib.held_bytes(s["params"]) + sharding_lib.held_bytes(s["frozen"]),
-            "grads_bytes_per_device": sharding_lib.bytes_per_device(s["params"], self.shardings["grads"]),
+            "compute_params_bytes_per_device": sharding_lib.held_bytes(s["compute"]),
+            "grads_bytes_per_device": plan.gradients,
             "optimizer_bytes_per_device": sharding_lib.held_bytes(s["opt_state"]),
             "trainable_params": int(sum(x.size for x in jax.tree.leaves(s["params"]))),
             "frozen_params": int(sum(x.size for x in jax.tree.leaves(s["frozen"]))),
@@ -128,7 +133,9 @@ class JaxBackend:
 
     def restore(self, step_dir: Path) -> dict:
         self._iter = self._loader()
-        self.state, meta, iterator_restored = self.ckpt.restore(step_dir, self.state, self._iter)
+        restored, meta, iterator_restored = self.ckpt.restore(step_dir, self.state, self._iter)
+        self.state.update(restored, compute=compute_copy(restored["params"], self.compute_dtypes,
+                                                          self.shardings["compute"]))
         if not iterator_restored:  # another process count: `batches` positions the stream from the step
             self._iter.close()
             self._iter = None
@@ -141,8 +148,8 @@ class JaxBackend:
 
     def train_step(self, batch: dict):
         arrays = to_global(batch, self.layout, accum=self.geometry.accumulation)
-        s = self.state
-        s["params"], s["opt_state"], measurements = self._train_step(s["params"], s["frozen"], s["opt_state"], arrays)
+        trained, measurements = self._train_step({k: self.state[k] for k in TRAINED}, self.state["frozen"], arrays)
+        self.state.update(trained)
         return measurements
 
     def fetch(self, measurements) -> dict[str, float]:

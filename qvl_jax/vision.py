@@ -39,7 +39,11 @@ class PatchEmbed(nnx.Module):
 
     Rows of one frame (`[B, N, C*P*P]`) stand for an image's patches, whose T temporal copies are equal (the
     processor repeats the frame): they meet the kernel summed over its T slices, half the matmul for T = 2.
+    The sum is taken in float32 before the cast to the compute dtype, so `proj` keeps its stored dtype in a
+    compute copy of the weights (`qvl_jax.state.compute_dtypes`).
     """
+
+    reads_weights_of = ("proj",)  # children whose weights this module uses itself, not through their __call__
 
     def __init__(self, cfg: VisionConfig, opts: RuntimeOptions, rngs: nnx.Rngs):
         self.proj = dense(cfg.patch_dim, cfg.hidden_size, bias=False, init_std=cfg.initializer_range, opts=opts,

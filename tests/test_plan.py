@@ -79,12 +79,17 @@ def test_plan_of_the_tiny_model_for_two_h100(tmp_path, capsys):
     b = result["per_device_bytes"]
     assert b["card"] == 81559 * 2**20 and b["usable"] == int(b["card"] * gpus.USABLE_FRACTION)
     assert b["total"] == b["arguments"] + result["outputs_bytes"] - result["aliased_bytes"] + b["temporaries"]
-    # zero2: float32 weights whole on each device, AdamW's two moments and the gradients split in two
+    # bf16 zero2 (DeepSpeed's layout): the float32 master weights, AdamW's two moments and the gradients split in
+    # two; the compute copy whole, bf16 where the model casts (the tiny model's float32 norms, patch embedding and
+    # head are a large share of it)
     params = result["params"]
-    assert b["master_params"] == 4 * params
+    assert abs(b["master_params"] - 2 * params) < 0.02 * 2 * params
     assert abs(b["optimizer"] - 4 * params) < 0.02 * 4 * params
     assert abs(b["gradients"] - 2 * params) < 0.02 * 2 * params
-    assert b["arguments"] >= b["master_params"] + b["optimizer"]
+    assert 2 * params < b["compute_params"] < 3 * params
+    assert b["arguments"] >= b["compute_params"] + b["master_params"] + b["optimizer"]
+    # the gather after the update moves the compute copy (bf16 where narrower), not float32 weights
+    assert 0 < result["collectives"]["all-gather"]["bytes"] <= 1.05 * b["compute_params"] < 4 * params
     # bf16 attention on Hopper: cuDNN's fused kernel, forward and backward, for every block and layer
     assert result["cudnn_attention_calls"] > 0 and result["xla_attention_calls"] == 0
     assert result["collectives"]["reduce-scatter"]["count"] + result["collectives"]["all-reduce"]["count"] > 0

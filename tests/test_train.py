@@ -139,30 +139,43 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
 
 def test_zero2_and_fsdp_match_dp_on_8_devices_and_hold_their_shards(tmp_path):
     """Five steps of each strategy on 8 devices give dp's losses; and the bytes device 0 really holds after a step
-    (the arrays' shards, not the requested layouts): ZeRO-2 keeps the parameters whole and holds a shard of the
-    gradients (what tells it from ZeRO-1) and of AdamW's state, fsdp a shard of all three."""
+    (the arrays' shards, not the requested layouts). In float32, ZeRO-2 keeps the parameters whole and holds a
+    shard of the gradients (what tells it from ZeRO-1) and of AdamW's state, fsdp a shard of all three. With bf16
+    compute, ZeRO-2 shards the float32 master weights too and keeps a bf16 copy whole (DeepSpeed's layout), with
+    the numbers of the float32 weights laid out whole (`replicated`)."""
     import subprocess
     import sys
 
     config = tiny_config(tmp_path, training={"max_steps": 5, "batch_size": 1}, sharding={"min_shard_size": 1})
     path = write_config(tmp_path, config)
-    code = f"from tests.train_helpers import held_bytes_report; held_bytes_report({str(path)!r}, 'dp,zero2,fsdp', 5)"
+    runs = "dp,zero2,zero2:bfloat16:replicated,zero2:bfloat16,fsdp:bfloat16"
+    code = f"from tests.train_helpers import held_bytes_report; held_bytes_report({str(path)!r}, {runs!r}, 5)"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     held = json.loads(out.stdout.split("HELD ", 1)[1])
-    dp, zero2, fsdp = held["dp"], held["zero2"], held["fsdp"]
-    assert len(dp["losses"]) == 5
-    for other in (zero2, fsdp):  # the same examples; only the reduction order differs
-        assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(dp["losses"], other["losses"])), (dp, other)
+    dp, zero2, reference, lean, fsdp = (held[r] for r in runs.split(","))
+
+    def same_losses(a, b):  # the same examples; only the reduction order may differ
+        return len(a["losses"]) == 5 and all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(a["losses"], b["losses"]))
+
+    assert same_losses(dp, zero2), (dp, zero2)
+    assert same_losses(reference, lean) and lean["max_param_diff_from_previous"] <= 1e-6, (reference, lean)
+    assert same_losses(lean, fsdp), (lean, fsdp)
     whole = dp["param_total"]
     assert dp["devices"] == 8 and dp["grads"] == whole and dp["optimizer"] >= 2 * whole  # dp: all replicated
     # An array is sharded along a dimension 8 divides; the few that none divides stay whole (a 3-label head).
     eighth = whole / 8 * 1.05 + 1024
-    assert zero2["params"] == dp["params"]  # ZeRO-2: the compute copy whole on every device
+    assert zero2["params"] == dp["params"] and zero2["compute"] == 0  # float32 ZeRO-2: the weights whole
     assert zero2["grads"] <= eighth, zero2  # ... gradients sharded (ZeRO-1 would hold them whole)
     assert zero2["optimizer"] <= 2 * eighth, zero2  # ... and AdamW's two moments
-    assert fsdp["params"] <= eighth and fsdp["grads"] <= eighth and fsdp["optimizer"] <= 2 * eighth, fsdp
+    assert reference["params"] == whole and reference["compute"] == 0
+    # bf16 ZeRO-2: the float32 master weights sharded with the optimizer state, the compute copy whole, in bf16
+    # where the model casts (the matmul weights; the tiny model's float32 norms and patch embedding are a third)
+    assert lean["params"] <= eighth and lean["grads"] <= eighth and lean["optimizer"] <= 2 * eighth, lean
+    assert whole / 2 < lean["compute"] < 0.75 * whole, lean
+    assert fsdp["params"] <= eighth and fsdp["compute"] <= lean["compute"] / 8 * 1.05 + 1024, fsdp
+    assert fsdp["grads"] <= eighth and fsdp["optimizer"] <= 2 * eighth, fsdp
 
 
 def test_two_processes_match_one_process_and_resume_as_one(tmp_path):

@@ -97,36 +97,55 @@ def stop_with_sigterm(proc: subprocess.Popen, ready, timeout: float) -> str:
     return out
 
 
-def held_bytes_report(config_path: str, strategies: str, steps: int) -> None:
-    """Per strategy: the loss of each of `steps` train steps (the trainer's step on the trainer's batches) and the
-    bytes device 0 holds after the first: parameters, gradients (as the step laid them out), optimizer state.
+def held_bytes_report(config_path: str, runs: str, steps: int) -> None:
+    """Per run: the loss of each of `steps` train steps (the trainer's step on the trainer's batches), the bytes
+    device 0 holds after the first (master parameters with the frozen ones, the compute copy, gradients as the
+    step laid them out, optimizer state) and the largest difference between its final master parameters and
+    those of the run before it. A run is `strategy[:compute dtype][:replicated]`; `replicated` lays the state out
+    without a compute copy (the parameters whole on every device, cast inside the step), as a reference.
     Run in a process with simulated devices (see test_train)."""
     import dataclasses
     import json
 
     import jax
+    import numpy as np
 
     from qvl_core.config import load_config
     from qvl_jax import sharding
-    from qvl_jax.steps import to_global
+    from qvl_jax.steps import TRAINED, make_train_step, to_global, to_host
     from qvl_jax.train import setup
 
-    base = load_config(config_path)
-    report = {}
-    for strategy in strategies.split(","):
-        config = dataclasses.replace(base, sharding=dataclasses.replace(base.sharding, strategy=strategy),
-                                     output=dataclasses.replace(base.output, run_name=strategy))
+    base, report, last = load_config(config_path), {}, None
+    for name in runs.split(","):
+        strategy, dtype, replicated = (name.split(":") + [None, None])[:3]
+        model = dataclasses.replace(base.model, compute_dtype=dtype or base.model.compute_dtype)
+        config = dataclasses.replace(base, model=model, output=dataclasses.replace(base.output, run_name="r"),
+                                     sharding=dataclasses.replace(base.sharding, strategy=strategy))
         _, backend = setup(config)
-        step, batches, s = backend.make_step(return_grads=True), backend.batches(0), backend.state
-        params, opt_state, losses = s["params"], s["opt_state"], []
+        s, c = backend.state, backend.config
+        trained = {k: s[k] for k in TRAINED}
+        step = backend.make_step(return_grads=True)
+        if replicated:
+            shardings = dict(backend.shardings, params=backend.layout.params(s["params"]), compute=None)
+            trained = {"params": jax.device_put(s["params"], shardings["params"]), "compute": None,
+                       "opt_state": s["opt_state"]}
+            step = make_train_step(backend.graphdef, backend.tx, backend.layout, shardings, grid=c.data.grid_thw,
+                                   dtype=backend.opts.jnp_dtype, label_smoothing=c.training.label_smoothing,
+                                   accum=backend.geometry.accumulation, return_grads=True)
+        batches, losses = backend.batches(0), []
         for i in range(steps):
             arrays = to_global(next(batches), backend.layout, accum=backend.geometry.accumulation)
-            params, opt_state, m = step(params, s["frozen"], opt_state, arrays)
+            trained, m = step(trained, s["frozen"], arrays)
             losses.append(float(m["loss"]))
             if i == 0:
-                held = {"devices": jax.device_count(), "params": sharding.held_bytes((params, s["frozen"])),
-                        "grads": sharding.held_bytes(m["grads"]), "optimizer": sharding.held_bytes(opt_state),
-                        "param_total": sum(x.nbytes for x in jax.tree.leaves(params))}
-        report[strategy] = {**held, "losses": losses}
+                held = {"devices": jax.device_count(),
+                        "params": sharding.held_bytes((trained["params"], s["frozen"])),
+                        "compute": sharding.held_bytes(trained["compute"]),
+                        "grads": sharding.held_bytes(m["grads"]), "optimizer": sharding.held_bytes(trained["opt_state"]),
+                        "param_total": sum(x.nbytes for x in jax.tree.leaves(trained["params"]))}
+        final = [to_host(x) for x in jax.tree.leaves(trained["params"])]
+        held["max_param_diff_from_previous"] = None if last is None else max(
+            float(np.max(np.abs(a - b))) for a, b in zip(final, last))
+        report[name], last = {**held, "losses": losses}, final
         backend.close()
     print("HELD " + json.dumps(report))
