@@ -140,15 +140,16 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
 def test_zero2_and_fsdp_match_dp_on_8_devices_and_hold_their_shards(tmp_path):
     """Five steps of each strategy on 8 devices give dp's losses; and the bytes device 0 really holds after a step
     (the arrays' shards, not the requested layouts). In float32, ZeRO-2 keeps the parameters whole and holds a
-    shard of the gradients (what tells it from ZeRO-1) and of AdamW's state, fsdp a shard of all three. With bf16
-    compute, ZeRO-2 shards the float32 master weights too and keeps a bf16 copy whole (DeepSpeed's layout), with
-    the numbers of the float32 weights laid out whole (`replicated`)."""
+    shard of the gradients (what tells it from ZeRO-1) and of AdamW's state. With bf16 compute, ZeRO-2 shards the
+    float32 master weights too and keeps a bf16 copy whole (DeepSpeed's layout), with the numbers of the float32
+    weights laid out whole (`replicated`), also across a checkpoint restored mid-run (`resumed`); fsdp shards all
+    four."""
     import subprocess
     import sys
 
     config = tiny_config(tmp_path, training={"max_steps": 5, "batch_size": 1}, sharding={"min_shard_size": 1})
     path = write_config(tmp_path, config)
-    runs = "dp,zero2,zero2:bfloat16:replicated,zero2:bfloat16,fsdp:bfloat16"
+    runs = "dp,zero2,zero2:bfloat16:replicated,zero2:bfloat16:resumed,fsdp:bfloat16"
     code = f"from tests.train_helpers import held_bytes_report; held_bytes_report({str(path)!r}, {runs!r}, 5)"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
@@ -178,47 +179,45 @@ def test_zero2_and_fsdp_match_dp_on_8_devices_and_hold_their_shards(tmp_path):
     assert fsdp["grads"] <= eighth and fsdp["optimizer"] <= 2 * eighth, fsdp
 
 
-def test_two_processes_match_one_process_and_resume_as_one(tmp_path):
+def test_other_process_and_device_counts_resume_as_one_stream(tmp_path):
+    """One reference run (1 process x 4 devices). (a) 2 processes x 2 devices on 127.0.0.1 for 2 steps, resumed by 1 process x 4 devices (the data stream
+    positioned from the step): the reference's losses. (b) 1 process x 2 devices (2 examples per device) for 3
+    steps, resumed on 4 devices with 1 per device (grain's own iterator state): the same examples each step."""
     import socket
 
-    base = dict(training={"max_steps": 4, "batch_size": 1},
-                monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
-                         "wandb": {"mode": "disabled"}, "progress_bar": False})
-    one = tiny_config(tmp_path, run_name="one", **base)
-    train_subprocess(write_config(tmp_path, one, "one.yaml"), devices=4)
+    common = dict(monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
+                           "wandb": {"mode": "disabled"}, "progress_bar": False})
+    reference = tiny_config(tmp_path, run_name="reference", training={"max_steps": 6, "batch_size": 1}, **common)
+    train_subprocess(write_config(tmp_path, reference, "reference.yaml"), devices=4)
+    ref = losses(tmp_path / "outputs" / "reference")
+    assert list(ref) == [1, 2, 3, 4, 5, 6]
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    two = tiny_config(tmp_path, run_name="two", **base)
+    two = tiny_config(tmp_path, run_name="two", training={"max_steps": 6, "batch_size": 1}, **common)
     path = write_config(tmp_path, two, "two.yaml")
     procs = [train_subprocess(path, "--set", f"distributed.coordinator_address=127.0.0.1:{port}",
                               "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}",
                               "--stop_after_steps", "2", devices=2, wait=False) for i in (0, 1)]
     outs = [p.communicate(timeout=1800)[0] for p in procs]  # a hang guard
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    # steps 3-4: the two-process checkpoint resumed by one process with 4 devices
     out = train_subprocess(path, "--resume_from", "auto", devices=4)
-    assert "positioned from the step" in out.stderr
-    a, b = losses(tmp_path / "outputs" / "one"), losses(tmp_path / "outputs" / "two")
-    assert list(a) == list(b) == [1, 2, 3, 4]
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step])
+    assert "positioned from the step" in out.stderr and resumed_at(out.stderr) == 2
+    b = losses(tmp_path / "outputs" / "two")
+    assert list(b) == list(ref), b
+    for step in ref:
+        assert abs(ref[step] - b[step]) <= 1e-6 * abs(ref[step]), (step, ref, b)
 
-
-def test_resume_on_another_device_count_continues_the_same_stream(tmp_path):
-    common = dict(monitor={"all_freq": {"training_log_freq": 1, "eval_log_freq": 100, "perf_log_freq": 5},
-                           "wandb": {"mode": "disabled"}, "progress_bar": False})
-    straight = tiny_config(tmp_path, run_name="straight4", training={"max_steps": 6, "batch_size": 1}, **common)
-    train_subprocess(write_config(tmp_path, straight, "a.yaml"), devices=4)
     moved = tiny_config(tmp_path, run_name="moved", training={"max_steps": 6, "batch_size": 2}, **common)
-    path = write_config(tmp_path, moved, "b.yaml")
+    path = write_config(tmp_path, moved, "moved.yaml")
     train_subprocess(path, "--stop_after_steps", "3", devices=2)  # global batch 4 = 2 devices x 2
     out = train_subprocess(path, "--resume_from", "auto", "--set", "training.batch_size=1", devices=4)
     assert "positioned from the step" not in out.stderr  # same process count: grain's own state is used
-    a, b = losses(tmp_path / "outputs" / "straight4"), losses(tmp_path / "outputs" / "moved")
-    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
-    for step in a:  # the same examples every step; only the reduction order differs
-        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a, b)
+    c = losses(tmp_path / "outputs" / "moved")
+    assert list(c) == list(ref), c
+    for step in ref:  # the same examples every step; only the reduction order differs
+        assert abs(ref[step] - c[step]) <= 1e-5 * abs(ref[step]), (step, ref, c)
 
 
 def test_freeze_switches_keep_frozen_weights_and_train_the_rest(tmp_path):

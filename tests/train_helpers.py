@@ -101,8 +101,10 @@ def held_bytes_report(config_path: str, runs: str, steps: int) -> None:
     """Per run: the loss of each of `steps` train steps (the trainer's step on the trainer's batches), the bytes
     device 0 holds after the first (master parameters with the frozen ones, the compute copy, gradients as the
     step laid them out, optimizer state) and the largest difference between its final master parameters and
-    those of the run before it. A run is `strategy[:compute dtype][:replicated]`; `replicated` lays the state out
-    without a compute copy (the parameters whole on every device, cast inside the step), as a reference.
+    those of the run before it. A run is `strategy[:compute dtype][:mode]`. Mode `replicated` lays the state out
+    without a compute copy (the parameters whole on every device, cast inside the step), as a reference; mode
+    `resumed` saves a checkpoint after step 2, takes a step it throws away, restores the checkpoint (weights,
+    optimizer state, data iterator) and goes on from there.
     Run in a process with simulated devices (see test_train)."""
     import dataclasses
     import json
@@ -116,16 +118,16 @@ def held_bytes_report(config_path: str, runs: str, steps: int) -> None:
     from qvl_jax.train import setup
 
     base, report, last = load_config(config_path), {}, None
-    for name in runs.split(","):
-        strategy, dtype, replicated = (name.split(":") + [None, None])[:3]
+    for index, name in enumerate(runs.split(",")):
+        strategy, dtype, mode = (name.split(":") + [None, None])[:3]
         model = dataclasses.replace(base.model, compute_dtype=dtype or base.model.compute_dtype)
-        config = dataclasses.replace(base, model=model, output=dataclasses.replace(base.output, run_name="r"),
+        config = dataclasses.replace(base, model=model, output=dataclasses.replace(base.output, run_name=f"run{index}"),
                                      sharding=dataclasses.replace(base.sharding, strategy=strategy))
         _, backend = setup(config)
         s, c = backend.state, backend.config
         trained = {k: s[k] for k in TRAINED}
         step = backend.make_step(return_grads=True)
-        if replicated:
+        if mode == "replicated":
             shardings = dict(backend.shardings, params=backend.layout.params(s["params"]), compute=None)
             trained = {"params": jax.device_put(s["params"], shardings["params"]), "compute": None,
                        "opt_state": s["opt_state"]}
@@ -134,6 +136,14 @@ def held_bytes_report(config_path: str, runs: str, steps: int) -> None:
                                    accum=backend.geometry.accumulation, return_grads=True)
         batches, losses = backend.batches(0), []
         for i in range(steps):
+            if mode == "resumed" and i == 2:
+                backend.state.update(trained)
+                backend.save(2, {"step": 2}, None)
+                backend.ckpt.wait()
+                step(trained, s["frozen"], to_global(next(batches), backend.layout,
+                                                     accum=backend.geometry.accumulation))  # thrown away
+                backend.restore(c.run_dir / "checkpoints" / "2")
+                trained, batches = {k: backend.state[k] for k in TRAINED}, backend.batches(2)
             arrays = to_global(next(batches), backend.layout, accum=backend.geometry.accumulation)
             trained, m = step(trained, s["frozen"], arrays)
             losses.append(float(m["loss"]))
