@@ -187,7 +187,8 @@ def _plan_step(config: RunConfig, target: Target, batch_size: int) -> Planned:
 
 def find_max_batch(plan_at, *, limit: int = MAX_BATCH) -> tuple[int | None, dict[int, int]]:
     """The largest batch b with `plan_at(b).fits` (compiling as few batches as it can: the memory of a step is
-    close to affine in the batch, so each probe aims at the line through the two nearest plans, then checks).
+    close to affine in the batch, so each probe aims at the line through two plans, then checks; when two probes
+    in a row do not fit, the next one halves the bracket).
     Returns (b or None when 1 does not fit, {batch: planned total bytes})."""
     totals: dict[int, int] = {}
     usable = None
@@ -200,24 +201,28 @@ def find_max_batch(plan_at, *, limit: int = MAX_BATCH) -> tuple[int | None, dict
 
     if not fits(1):
         return None, totals
-    lo, hi = 1, None  # lo fits; hi (when known) does not
+    lo, hi, misses = 1, None, 0  # lo fits; hi (when known) does not; misses: probes in a row that did not fit
     while hi is None or hi - lo > 1:
         if len(totals) == 1:
             probe = 2
-        else:  # the line through the fitting batch and the nearest other plan (the growth is rarely linear)
-            other = min((b for b in totals if b != lo), key=lambda b: abs(b - lo))
+        else:  # the line through the fitting batch and the nearest plan beyond it (else the nearest below)
+            other = hi if hi is not None else min((b for b in totals if b != lo), key=lambda b: abs(b - lo))
             slope = max((totals[other] - totals[lo]) / (other - lo), 1)
             probe = int(lo + (usable - totals[lo]) // slope)
-        upper = hi - 1 if hi is not None else min(limit, 8 * lo)  # far beyond what was measured: approach it
-        probe = min(max(probe, lo + 1), upper)
+        if hi is None:  # far beyond what was measured: approach it
+            probe = min(max(probe, lo + 1), min(limit, 8 * lo))
+        elif misses >= 2:  # the line keeps overshooting (the growth steepens): halve the bracket instead
+            probe = (lo + hi) // 2
+        else:
+            probe = min(max(probe, lo + 1), hi - 1)
         if probe <= lo:
             break
         if fits(probe):
-            lo = probe
+            lo, misses = probe, 0
             if probe == limit:
                 break
         else:
-            hi = probe
+            hi, misses = probe, misses + 1
     return lo, totals
 
 

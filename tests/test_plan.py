@@ -67,6 +67,16 @@ def test_find_max_batch_compiles_few_and_finds_the_boundary():
         assert best == brute, (usable, best, brute)
         assert len(totals) <= 8, (usable, sorted(totals))
 
+    # steeper past a kink (XLA's rematerialisation giving up, as the 3B step does past ~30 per device): the line
+    # from below overshoots, and the search must not then walk down one batch per compile
+    for usable in (60, 75, 90, 140):
+        def kinked(b, usable=usable):
+            return P(total=int(20 + 1.2 * b if b <= 30 else 56 + 3.5 * (b - 30)), usable=usable)
+
+        best, totals = plan_lib.find_max_batch(kinked, limit=1024)
+        brute = max((b for b in range(1, 1025) if kinked(b).fits), default=None)
+        assert best == brute and len(totals) <= 8, (usable, best, brute, sorted(totals))
+
 
 def test_plan_of_the_tiny_model_for_two_h100(tmp_path, capsys):
     path = _config(tmp_path, model={"compute_dtype": "bfloat16"}, sharding={"strategy": "zero2", "min_shard_size": 1})
