@@ -41,18 +41,20 @@ def target(device=None):
         _traced.reset(tokens[1])
 
 
-def choose_implementation(requested: Implementation, dtype: str, head_dim: int, device=None) -> tuple[str, str]:
+def choose_implementation(requested: Implementation, dtype: str, head_dim: int, device=None,
+                          padded_lengths: tuple[int, ...] = ()) -> tuple[str, str]:
     """Returns `(implementation, reason)` for `jax.nn.dot_product_attention` on `device` (default: the
-    `target` device, else `jax.devices()[0]`)."""
+    `target` device, else `jax.devices()[0]`). `padded_lengths`: the query and key lengths of a call that masks
+    padded keys (none: no padding mask)."""
     if requested == "xla":
         return "xla", "requested"
     device = device or _target.get() or jax.devices()[0]
     return _choose(requested, dtype, head_dim, device.platform, device.device_kind,
-                   getattr(device, "compute_capability", None))
+                   getattr(device, "compute_capability", None), tuple(padded_lengths))
 
 
 @functools.cache
-def _choose(requested, dtype, head_dim, platform, device_kind, cc) -> tuple[str, str]:
+def _choose(requested, dtype, head_dim, platform, device_kind, cc, padded_lengths) -> tuple[str, str]:
     reasons = []
     if platform != "gpu":
         reasons.append(f"platform is {platform}")
@@ -63,6 +65,9 @@ def _choose(requested, dtype, head_dim, platform, device_kind, cc) -> tuple[str,
     limit = 256 if cc is not None and float(cc) >= 9.0 else 128
     if head_dim > limit:
         reasons.append(f"head_dim {head_dim} > {limit} on this GPU")
+    if any(n % 2 for n in padded_lengths):  # cuDNN's masked training kernels take even lengths only
+        reasons.append(f"padded sequence lengths {' / '.join(map(str, padded_lengths))} are not all even "
+                       "(cuDNN needs even lengths)")
     if reasons:
         if requested == "cudnn":
             raise ValueError("attention implementation 'cudnn' was requested but cannot run: " + "; ".join(reasons))
@@ -81,13 +86,8 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
 
     `kv_lengths [B]` masks keys at positions >= length (right padding).
     """
-    impl, reason = choose_implementation(requested, jnp.dtype(q.dtype).name, q.shape[-1])
-    if impl == "cudnn" and kv_lengths is not None and (q.shape[1] % 2 or k.shape[1] % 2):
-        # cuDNN's masked training kernels take even sequence lengths only (jax's check refuses the rest)
-        if requested == "cudnn":
-            raise ValueError(f"attention implementation 'cudnn' was requested but cannot run: padded sequence "
-                             f"lengths {q.shape[1]} / {k.shape[1]} are odd")
-        impl, reason = "xla", f"padded sequence length {q.shape[1]} is odd (cuDNN needs even lengths)"
+    padded = (q.shape[1], k.shape[1]) if kv_lengths is not None else ()
+    impl, reason = choose_implementation(requested, jnp.dtype(q.dtype).name, q.shape[-1], padded_lengths=padded)
     _log_choice(impl, reason, jnp.dtype(q.dtype).name, q.shape[-1])
     if (traced := _traced.get()) is not None:
         traced.append(impl)

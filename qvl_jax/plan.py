@@ -134,6 +134,7 @@ class Planned:
     compile_s: float
     params: int
     trainable: int
+    source: str  # where the model's config.json came from
 
 
 _PLANNED: dict[str, Planned] = {}
@@ -154,7 +155,7 @@ def plan_step(config: RunConfig, target: Target, *, batch_size: int | None = Non
 
 def _plan_step(config: RunConfig, target: Target, batch_size: int) -> Planned:
     t = config.training
-    cfg, _ = model_config(config)
+    cfg, source = model_config(config)
     devices = target.topology_devices()
     layout = sharding_lib.Layout(sharding_lib.make_mesh(list(devices)), config.sharding.strategy,
                                  config.sharding.min_shard_size)
@@ -182,7 +183,7 @@ def _plan_step(config: RunConfig, target: Target, batch_size: int) -> Planned:
                               card_bytes=spec.memory_bytes, attention_calls=calls)
     trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
     frozen = sum(x.size for x in jax.tree.leaves(state["frozen"]))
-    return Planned(plan, batch_size, time.perf_counter() - start, int(trainable + frozen), int(trainable))
+    return Planned(plan, batch_size, time.perf_counter() - start, int(trainable + frozen), int(trainable), source)
 
 
 def find_max_batch(plan_at, *, limit: int = MAX_BATCH) -> tuple[int | None, dict[int, int]]:
@@ -291,7 +292,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
-def report(config: RunConfig, args, target: Target, planned: Planned, source: str) -> str:
+def report(config: RunConfig, args, target: Target, planned: Planned) -> str:
     p, spec, t = planned.plan, target.spec, config.training
     h, w = config.data.image_hw
     m = config.model
@@ -316,7 +317,7 @@ def report(config: RunConfig, args, target: Target, planned: Planned, source: st
     unit, unit_name = _unit(p.total)
     lines = [
         f"plan: {args.config} on {target.devices} x {spec.name} ({target.gpu}), {target.hosts} host(s)",
-        f"model: {source}; {_count(planned.params)} weights, {_count(planned.trainable)} trainable; "
+        f"model: {planned.source}; {_count(planned.params)} weights, {_count(planned.trainable)} trainable; "
         f"{config.model.num_labels or DEFAULT_LABELS} labels",
         f"step: batch {planned.batch_size} per device x {target.devices} devices x {t.gradient_accumulation_steps} "
         f"accumulation, {h}x{w} px ({config.data.num_patches} patches), {config.sharding.strategy}, "
@@ -354,7 +355,6 @@ def main(argv=None) -> int:
     try:
         config = _config(args)
         target = Target(gpus.key(args.gpu), args.devices, args.hosts)
-        _, source = model_config(config)
         say(f"compiling the train step for {args.devices} x {target.spec.name} ...")
         planned = plan_step(config, target)
     except (SchemaError, PlanError, ValueError) as e:
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         print(f"error: the train step does not compile for {args.devices} x {args.gpu}: {_last_line(e)}",
               file=sys.stderr)
         return 2
-    print(report(config, args, target, planned, source))
+    print(report(config, args, target, planned))
     out = {"config": args.config, "gpu": target.gpu, "device_kind": target.spec.name, "devices": target.devices,
            "hosts": target.hosts, "batch_size": planned.batch_size, "fits": planned.plan.fits,
            "per_device_bytes": planned.plan.per_device_bytes(), "outputs_bytes": planned.plan.outputs,

@@ -42,3 +42,16 @@ def test_cpu_falls_back_to_xla_with_reasons():
     assert impl == "xla" and "platform is cpu" in reason and "float32" in reason
     with pytest.raises(ValueError, match="cudnn.*cannot run"):
         choose_implementation("cudnn", "bfloat16", 64)
+
+
+def test_on_a_gpu_cudnn_is_chosen_unless_a_padded_length_is_odd():
+    import types
+
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    assert choose_implementation("auto", "bfloat16", 128, h100)[0] == "cudnn"
+    assert choose_implementation("auto", "bfloat16", 128, h100, padded_lengths=(64, 64))[0] == "cudnn"
+    impl, reason = choose_implementation("auto", "bfloat16", 128, h100, padded_lengths=(65, 65))
+    assert impl == "xla" and "65 / 65" in reason and "even" in reason
+    assert choose_implementation("auto", "bfloat16", 320, h100)[0] == "xla"  # head_dim > 256
+    with pytest.raises(ValueError, match="cudnn.*cannot run.*even"):
+        choose_implementation("cudnn", "bfloat16", 128, h100, padded_lengths=(64, 65))
