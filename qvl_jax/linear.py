@@ -54,6 +54,13 @@ def matmul(x, w):
 
 
 class Linear(nnx.Linear):
+    """With an optional LoRA adapter (`qvl_jax.lora.add_adapters`): `lora_a [in, r]`, `lora_b [r, out]`,
+    `lora_scaling`; its output `scaling * (x @ A @ B)` joins the float32 accumulator before the one rounding."""
+
+    lora_a = None
+    lora_b = None
+    lora_scaling = 1.0
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, dot_general=_dot_general, **kwargs)
 
@@ -61,7 +68,13 @@ class Linear(nnx.Linear):
         # As one [rows, in] x [in, out] matmul: XLA:CPU runs the weight gradient of a 3-D input
         # (two contracting dimensions) ~15% slower than the same GEMM on the flattened rows.
         lead = x.shape[:-1]
-        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        rows = x.reshape(-1, x.shape[-1])
+        y = super().__call__(rows)
+        if self.lora_a is not None:
+            dtype = self.dtype or x.dtype
+            rows = rows.astype(dtype)
+            h = _dot_general(rows, self.lora_a[...].astype(dtype), (((1,), (0,)), ((), ()))).astype(dtype)
+            y = y + self.lora_scaling * _dot_general(h, self.lora_b[...].astype(dtype), (((1,), (0,)), ((), ())))
         return y.reshape(*lead, y.shape[-1]).astype(self.dtype or x.dtype)
 
 

@@ -73,8 +73,18 @@ _HF_RE = [(_compile(r.hf), r) for r in RULES]
 _JAX_RE = [(_compile(r.jax), r) for r in RULES]
 
 
+# LoRA adapters (`qvl_core.lora`): a `Linear`'s `lora_a [in, r]` / `lora_b [r, out]` beside its kernel, PEFT's
+# `<module>.lora_A.weight [r, in]` / `<module>.lora_B.weight [out, r]` beside the module's weight.
+_LORA_JAX = {"lora_a": "lora_A", "lora_b": "lora_B"}
+_LORA_HF = {v: k for k, v in _LORA_JAX.items()}
+
+
 def hf_to_jax(hf_key: str) -> tuple[str, str] | None:
     """Canonical HF key -> (JAX path, transform kind), or None when no rule matches."""
+    module, _, leaf = hf_key.removesuffix(".weight").rpartition(".")
+    if leaf in _LORA_HF and hf_key.endswith(".weight"):
+        base = hf_to_jax(module + ".weight")
+        return (base[0].removesuffix(".kernel") + "." + _LORA_HF[leaf], "linear") if base else None
     for pattern, rule in _HF_RE:
         m = pattern.match(hf_key)
         if m:
@@ -83,6 +93,10 @@ def hf_to_jax(hf_key: str) -> tuple[str, str] | None:
 
 
 def jax_to_hf(jax_path: str) -> tuple[str, str] | None:
+    module, _, leaf = jax_path.rpartition(".")
+    if leaf in _LORA_JAX:
+        base = jax_to_hf(module + ".kernel")
+        return (base[0].removesuffix(".weight") + f".{_LORA_JAX[leaf]}.weight", "linear") if base else None
     for pattern, rule in _JAX_RE:
         m = pattern.match(jax_path)
         if m:
