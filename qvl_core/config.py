@@ -19,7 +19,34 @@ from typing import Any, Literal, Optional
 import yaml
 
 from qvl_core.data.config import DataConfig
+from qvl_core.lora import DECODER_TARGETS, LoraSpec
 from qvl_core.schema import SchemaError, from_dict, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on a frozen base (`qvl_core/lora.py`); the head, and the merger unless frozen, train fully."""
+
+    rank: int = 16  # r: the adapters' inner dimension
+    alpha: float = 32.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapters' input (only 0.0 so far)
+    targets: tuple[str, ...] = DECODER_TARGETS  # HF layer names, their last parts or regexes; each must match
+    vision: bool = False  # also adapt the vision tower's attn.qkv, attn.proj and mlp layers
+    seed: int = 0  # seed of the adapters' initial A (the same in both frameworks)
+
+    def validate(self, where: str) -> None:
+        if self.rank < 1:
+            raise SchemaError(f"{where}.rank: must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise SchemaError(f"{where}.alpha: must be > 0, got {self.alpha}")
+        if self.dropout != 0.0:
+            raise SchemaError(f"{where}.dropout: only 0.0 is supported so far, got {self.dropout}")
+        if not self.targets:
+            raise SchemaError(f"{where}.targets: name at least one layer")
+
+    def spec(self) -> LoraSpec:
+        return LoraSpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), dropout=self.dropout,
+                        vision=self.vision, seed=self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +65,7 @@ class ModelConfig:
     freeze_merger: bool = False  # freeze the patch merger (the vision-to-text projector)
     freeze_decoder: bool = False  # freeze the Qwen2.5 decoder (embeddings, layers, final norm)
     head_seed: int = 0  # seed of a fresh classification head (same head in both frameworks)
+    lora: Optional[LoraConfig] = None  # LoRA adapters on a frozen base (null: full fine-tuning by the switches)
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # PyTorch path; auto: flash-attn, sdpa, eager
 
     def validate(self, where: str) -> None:
@@ -241,6 +269,10 @@ def reference_markdown() -> str:
                 continue
             if f.name == "datasets":
                 walk(DatasetConfig, key + "[].")
+                continue
+            if f.name == "lora":  # optional section: null, or these keys
+                rows.append(f"| `{key}` | `null` | {comments.get(f.name, '')} |")
+                walk(LoraConfig, key + ".")
                 continue
             if f.default is not dataclasses.MISSING:
                 default = json.dumps(to_dict(f.default))

@@ -102,17 +102,20 @@ def forward_parts(cfg: QwenVLConfig, grid_thw: tuple[int, int, int], prompt_toke
 
 def train_flops_per_sample(cfg: QwenVLConfig, grid_thw: tuple[int, int, int], *, trainable: dict[str, bool],
                            prompt_tokens: int = 0) -> float:
-    """Forward + backward FLOPs of one training sample. `trainable`: part name -> trains (missing: True)."""
+    """Forward + backward FLOPs of one training sample. `trainable`: part name -> True (trains), False (frozen)
+    or "adapted" (frozen weights with LoRA adapters that train: input gradients, no weight gradients; the
+    adapters' own FLOPs are left out); missing: True."""
     total = 0.0
     upstream = False  # does anything before this part train (so its input gradients are needed)?
     for name, part in forward_parts(cfg, grid_thw, prompt_tokens).items():
-        trains = trainable.get(name, True)
+        mode = trainable.get(name, True)
+        trains, grads_inside = mode is True, mode is True or mode == "adapted"
         # The head is one matmul; every other part but the patch embedding opens with a norm (see above).
-        input_grads = name != "patch_embed" and (upstream or (trains and name != "head"))
+        input_grads = name != "patch_embed" and (upstream or (grads_inside and name != "head"))
         total += part.total
         total += part.weights * (int(trains) + int(input_grads))
-        total += part.attention * 2 * int(trains or input_grads)
-        upstream = upstream or trains
+        total += part.attention * 2 * int(grads_inside or input_grads)
+        upstream = upstream or grads_inside
     return total
 
 

@@ -25,6 +25,8 @@ import zlib
 
 import numpy as np
 
+from qvl_core.schema import SchemaError
+
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's layers `vision: true` adds: fused qkv, output projection, the gated MLP.
 VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -32,7 +34,7 @@ _SCOPES = ("model.layers.",)
 _VISION_SCOPES = ("visual.blocks.",)
 
 
-class LoraError(ValueError):
+class LoraError(SchemaError):
     """A LoRA setting that cannot apply to the model (names the key or the file)."""
 
 

@@ -22,14 +22,15 @@ class Part:
     prefix: str  # canonical HF key prefix of its weights
     freeze: str | None  # the `ModelConfig` switch that freezes it (None: always trains)
     vision_lr: bool  # trains at `training.vision_learning_rate` when that is set
+    lora_base: bool  # with `model.lora`, its weights are the frozen base (adapters may train inside it)
 
 
 PARTS: tuple[Part, ...] = (
-    Part("patch_embed", "visual.patch_embed.", freeze="freeze_vision", vision_lr=True),
-    Part("vision_blocks", "visual.blocks.", freeze="freeze_vision", vision_lr=True),
-    Part("merger", "visual.merger.", freeze="freeze_merger", vision_lr=False),
-    Part("decoder", "model.", freeze="freeze_decoder", vision_lr=False),
-    Part("head", "classifier.", freeze=None, vision_lr=False),
+    Part("patch_embed", "visual.patch_embed.", freeze="freeze_vision", vision_lr=True, lora_base=True),
+    Part("vision_blocks", "visual.blocks.", freeze="freeze_vision", vision_lr=True, lora_base=True),
+    Part("merger", "visual.merger.", freeze="freeze_merger", vision_lr=False, lora_base=False),
+    Part("decoder", "model.", freeze="freeze_decoder", vision_lr=False, lora_base=True),
+    Part("head", "classifier.", freeze=None, vision_lr=False, lora_base=False),
 )
 
 # Other layouts of the same weights -> the hub's. The order matters: the newer layout's `model.visual.`
@@ -59,17 +60,32 @@ def part_of(hf_key: str) -> Part:
 
 
 def trains(part: Part, model_config) -> bool:
-    """Whether `part` trains under the freeze switches of a `qvl_core.config.ModelConfig`."""
+    """Whether `part`'s own weights train under a `qvl_core.config.ModelConfig`: its freeze switch, and with
+    LoRA never for the base."""
+    if part.lora_base and getattr(model_config, "lora", None) is not None:
+        return False
     return part.freeze is None or not getattr(model_config, part.freeze)
 
 
-def trainable_parts(model_config) -> dict[str, bool]:
-    """Part name -> whether it trains (what `qvl_core.flops.train_flops_per_sample` takes)."""
-    return {part.name: trains(part, model_config) for part in PARTS}
+def is_adapter(hf_key: str) -> bool:
+    """A LoRA adapter's weight (PEFT's names: `<module>.lora_A.weight`, `<module>.lora_B.weight`)."""
+    return ".lora_A." in hf_key or ".lora_B." in hf_key
+
+
+def adapted(part: Part, model_config) -> bool:
+    """Whether LoRA adapters train inside `part` (the decoder; the vision blocks with `lora.vision`)."""
+    lora = getattr(model_config, "lora", None)
+    return lora is not None and (part.name == "decoder" or (part.name == "vision_blocks" and lora.vision))
+
+
+def trainable_parts(model_config) -> dict[str, bool | str]:
+    """Part name -> True (trains), False (frozen) or "adapted" (frozen, with adapters that train): what
+    `qvl_core.flops.train_flops_per_sample` takes."""
+    return {part.name: "adapted" if adapted(part, model_config) else trains(part, model_config) for part in PARTS}
 
 
 def key_trains(hf_key: str, model_config) -> bool:
-    return trains(part_of(hf_key), model_config)
+    return is_adapter(hf_key) or trains(part_of(hf_key), model_config)
 
 
 def learning_rate(hf_key: str, training_config) -> float:

@@ -43,3 +43,17 @@ def add_adapters(model, spec: lora.LoraSpec) -> list[str]:
         layer.lora_b = nnx.LoRAParam(jnp.zeros((spec.rank, layer.out_features), dtype))
         layer.lora_scaling = lora.scaling(spec)
     return names
+
+
+def merge_adapters(model) -> list[str]:
+    """Folds each adapter into its layer (`W + scaling * A @ B`, in float32) and removes it, in place: the model
+    an HF checkpoint of the fine-tuned classifier holds. Returns the merged layers' HF names."""
+    merged = []
+    for name, layer in linear_layers(model).items():
+        if layer.lora_a is None:
+            continue
+        a, b = (jnp.asarray(p[...], jnp.float32) for p in (layer.lora_a, layer.lora_b))
+        layer.kernel = nnx.Param(jnp.asarray(layer.kernel[...], jnp.float32) + layer.lora_scaling * (a @ b))
+        layer.lora_a = layer.lora_b = None
+        merged.append(name)
+    return merged

@@ -47,6 +47,7 @@ from qvl_jax import param_map
 from qvl_jax import sharding as sharding_lib
 from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.hf_io import load_hf
+from qvl_jax.lora import add_adapters
 from qvl_jax.options import RuntimeOptions
 
 
@@ -147,14 +148,22 @@ def _placement(config: RunConfig, abstract_model, layout: sharding_lib.Layout):
     return graphdef, jax.tree_util.tree_map_with_path(sharding, everything), dtypes
 
 
+def _classifier(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, seed: int):
+    """The classifier with fresh weights, and LoRA adapters when the run has them."""
+    model = QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(seed))
+    if config.model.lora is not None:
+        add_adapters(model, config.model.lora.spec())
+    return model
+
+
 def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
     """The classifier with every parameter already in its sharding (never whole on one device unless it is laid
     out whole): trainable weights in their master sharding (see the module's docstring)."""
-    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))
+    abstract = nnx.eval_shape(lambda: _classifier(config, cfg, opts, config.training.seed))
     graphdef, shardings, _ = _placement(config, abstract, layout)
     if config.model.pretrained_name is None:
         def init():
-            return nnx.split(QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(config.training.seed)))[1]
+            return nnx.split(_classifier(config, cfg, opts, config.training.seed))[1]
 
         return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
     by_path = {".".join(str(p) for p in path): s for path, s in nnx.to_flat_state(shardings)}
@@ -167,13 +176,33 @@ def create_model(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, lay
     model = load_hf(config.model.pretrained_name, num_labels=cfg.head.num_labels, mode=cfg.head.mode,
                     pooling=cfg.head.pooling, opts=opts, head_seed=config.model.head_seed, place=place)
     model.config = cfg  # with the run's label names
+    if config.model.lora is not None:  # the adapters, then each placed like the rest
+        add_adapters(model, config.model.lora.spec())
+        adapters = nnx.state(model, nnx.LoRAParam)
+        placed = jax.tree_util.tree_map_with_path(
+            lambda p, x: place(".".join(map(str, _path_names(p))), np.asarray(x)), adapters)
+        nnx.update(model, placed)
     return model
+
+
+def frozen_in_compute_dtype(config: RunConfig, model, frozen):
+    """With LoRA, the frozen base is held in the dtypes the model computes with (`compute_dtypes`: the matmul
+    weights in bf16 under bf16 compute); otherwise as stored. The same numbers either way."""
+    if config.model.lora is None or not jax.tree.leaves(frozen):
+        return frozen
+    dtypes = compute_dtypes(model, frozen)
+    if all(d == x.dtype for d, x in zip(jax.tree.leaves(dtypes), jax.tree.leaves(frozen))):
+        return frozen
+    shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    if isinstance(jax.tree.leaves(frozen)[0], jax.ShapeDtypeStruct):
+        return jax.tree.map(lambda x, d: jax.ShapeDtypeStruct(x.shape, d, sharding=x.sharding), frozen, dtypes)
+    return jax.jit(lambda f: cast_to(f, dtypes), out_shardings=shardings, donate_argnums=0)(frozen)
 
 
 def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, layout: sharding_lib.Layout):
     """(graphdef, {params, compute, frozen, opt_state} as sharded ShapeDtypeStructs, laid out as the trainer lays
     them out): a restore target, nothing allocated. `compute` is None when the run keeps no compute copy."""
-    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _classifier(config, cfg, opts, 0))
     graphdef, placed, dtypes = _placement(config, abstract, layout)
 
     def place(tree, shardings):
@@ -181,6 +210,7 @@ def abstract_state(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, l
 
     abstract = nnx.merge(graphdef, place(nnx.split(abstract)[1], placed))
     graphdef, params, frozen = nnx.split(abstract, trainable_filter(config.model), ...)
+    frozen = frozen_in_compute_dtype(config, abstract, frozen)
     tx, _ = make_optimizer(config, params, total_steps=1)
     shardings = state_shardings(layout, params, tx, dtypes)
     compute = None if dtypes is None else place(jax.eval_shape(lambda p: cast_to(p, dtypes), params),

@@ -31,9 +31,10 @@ from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.hf_io import save_hf
 from qvl_jax.input_pipeline import make_loader, read_ahead
+from qvl_jax.lora import merge_adapters
 from qvl_jax.options import RuntimeOptions
-from qvl_jax.state import (compute_copy, compute_copy_dtypes, create_model, make_optimizer, model_config,
-                           state_shardings, trainable_filter)
+from qvl_jax.state import (compute_copy, compute_copy_dtypes, create_model, frozen_in_compute_dtype,
+                           make_optimizer, model_config, state_shardings, trainable_filter)
 from qvl_jax.steps import (TRAINED, device_memory_gb, evaluate, make_eval_step, make_train_step, to_global,
                            to_host)
 
@@ -55,6 +56,7 @@ class JaxBackend:
         self.model_config, _ = model_config(config, data.label_map)
         model = create_model(config, self.model_config, opts, layout)
         self.graphdef, params, frozen = nnx.split(model, trainable_filter(config.model), ...)
+        frozen = frozen_in_compute_dtype(config, model, frozen)
         self.compute_dtypes = compute_copy_dtypes(model, params, layout)
         del model
         self.tx, self.lr_at = make_optimizer(config, params, geometry.total_steps)
@@ -197,7 +199,9 @@ def export_hf(graphdef, state, path: Path, config: RunConfig, label_map: LabelMa
     params = jax.tree.map(to_host, state["params"])
     frozen = jax.tree.map(to_host, state["frozen"])
     if jax.process_index() == 0:
-        save_hf(nnx.merge(graphdef, params, frozen), path, extra=export_metadata(config, label_map))
+        model = nnx.merge(graphdef, params, frozen)
+        merge_adapters(model)  # LoRA: the adapters folded into the weights
+        save_hf(model, path, extra=export_metadata(config, label_map))
         label_map.save(Path(path) / "label_map.json")
 
 

@@ -228,6 +228,10 @@ def setup(config: RunConfig, *, deepspeed_config: str | None = None,
     """Processes, checked data, the DeepSpeed engine over the classifier: what `loop.train` runs."""
     import deepspeed
 
+    if config.model.lora is not None:
+        raise SchemaError("model.lora: the PyTorch trainer has no LoRA yet (peft adapters are the next step of "
+                          "the LoRA work); train LoRA with python -m qvl_jax.train")
+
     rank, world, device = init_processes()
     data, config = start_run(config, rank, "torch", resume_from=resume_from)
     ds_config = resolve_ds_config(deepspeed_config, config, world)

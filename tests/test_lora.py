@@ -12,6 +12,7 @@ from qvl_jax import param_map
 from qvl_jax.classifier import QwenVLClassifier
 from qvl_jax.lora import add_adapters, linear_layers
 from qvl_jax.options import RuntimeOptions
+from qvl_jax.state import _path_names, compute_dtypes
 from tests.train_helpers import TINY_MODEL
 
 GRID = (1, 4, 4)
@@ -93,3 +94,65 @@ def test_an_adapted_model_starts_as_the_base_and_computes_w_plus_scaled_ab():
         merged_layers[name].kernel[...] = layer.kernel[...] + delta
     np.testing.assert_allclose(logits(merged), adapted, rtol=1e-5, atol=1e-5)
     assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam))  # the adapters are LoRAParams (an nnx filter)
+
+
+def test_a_lora_run_trains_adapters_head_and_merger_and_exports_them_merged(tmp_path):
+    """A LoRA run (bf16 compute) trains exactly the adapters, the head and the merger, holds the frozen base in
+    bf16, and its checkpoint and its merged HF export evaluate as the run's own last evaluation did."""
+    import json
+
+    from qvl_core.config import RunConfig
+    from qvl_core.schema import from_dict
+    from qvl_jax.evaluate import run_evaluation
+    from qvl_jax.train import run
+    from tests.train_helpers import tiny_config
+
+    config = tiny_config(tmp_path, model={"compute_dtype": "bfloat16", "lora": {"rank": 4, "alpha": 8}},
+                         training={"max_steps": 6, "learning_rate": 1e-2})
+    result = run(from_dict(RunConfig, config))
+    run_dir = tmp_path / "outputs" / "run"
+    sharding = json.loads((run_dir / "logs" / "sharding.json").read_text())
+    model = _model()
+    sizes = {".".join(map(str, p)): v.get_value().size for p, v in nnx.to_flat_state(nnx.state(model))}
+    full = sum(v for k, v in sizes.items() if k.startswith(("visual.merger", "classifier")))
+    adapters = sum(4 * (layer.in_features + layer.out_features) for name, layer in linear_layers(model).items()
+                   if name.startswith("model.layers."))
+    assert adapters == 4 * 512 and sharding["trainable_params"] == full + adapters
+    assert sharding["frozen_params"] == sum(sizes.values()) - full
+    # the frozen base in bf16 where the model casts (its matmul weights; the tiny model's float32 patch embedding
+    # is half of its base): the bytes the compute dtypes say
+    bf16 = QwenVLClassifier(model.config, opts=RuntimeOptions(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    dtypes = compute_dtypes(bf16, nnx.state(bf16))
+    held = {".".join(map(str, _path_names(p))): d.itemsize for p, d in jax.tree_util.tree_flatten_with_path(dtypes)[0]}
+    expected = sum(sizes[k] * b for k, b in held.items() if not k.startswith(("visual.merger", "classifier")))
+    frozen_bytes = sharding["params_bytes_per_device"] - 4 * sharding["trainable_params"]
+    assert frozen_bytes == expected < 3.5 * sharding["frozen_params"], (frozen_bytes, expected, sharding)
+    assert result["step"] == 6 and result["eval/overall_loss"] < 0.9 * np.log(3)  # it learns (ln 3: chance)
+    exported = run_evaluation(run_dir / "hf_final")
+    assert exported["eval/overall_accuracy"] == result["eval/overall_accuracy"]
+    restored = run_evaluation(run_dir / "checkpoints" / "6")  # the orbax checkpoint, adapters and all
+    assert restored["eval/overall_loss"] == pytest.approx(result["eval/overall_loss"], rel=1e-6)
+    assert exported["eval/overall_loss"] == pytest.approx(result["eval/overall_loss"], rel=1e-3)
+
+
+def test_a_lora_target_matching_nothing_stops_the_run_naming_it(tmp_path):
+    from qvl_core.config import RunConfig
+    from qvl_core.schema import SchemaError, from_dict
+    from qvl_jax.train import run
+    from tests.train_helpers import tiny_config
+
+    config = tiny_config(tmp_path, model={"lora": {"rank": 4, "targets": ["q_proj", "qkv_proj"]}})
+    with pytest.raises(SchemaError, match="model.lora.targets: 'qkv_proj' matches no linear layer"):
+        run(from_dict(RunConfig, config))
+    with pytest.raises(SchemaError, match="model.lora.rank: must be >= 1"):
+        from_dict(RunConfig, tiny_config(tmp_path, model={"lora": {"rank": 0}}))
+
+
+def test_the_pytorch_trainer_refuses_lora_until_it_has_it(tmp_path):
+    from qvl_core.config import RunConfig
+    from qvl_core.schema import SchemaError, from_dict
+    from qvl_torch.train import setup
+    from tests.train_helpers import tiny_config
+
+    with pytest.raises(SchemaError, match="model.lora: the PyTorch trainer has no LoRA yet"):
+        setup(from_dict(RunConfig, tiny_config(tmp_path, model={"lora": {"rank": 4}})))
