@@ -305,7 +305,8 @@ def report(config: RunConfig, args, target: Target, planned: Planned) -> str:
         master_note = "trainable and frozen weights" + (", sharded" if strategy == "fsdp" else "")
     rows = [
         (f"compute params ({m.compute_dtype})", p.compute_params, copy_note),
-        (f"master params ({m.param_dtype})", p.master_params, master_note),
+        (f"master params ({m.param_dtype})" if m.lora is None else
+         f"params ({m.param_dtype}; base {m.compute_dtype})", p.master_params, master_note),
         ("gradients", p.gradients, f"{m.param_dtype}, inside the temporaries"),
         ("optimizer state (AdamW)", p.optimizer, "two moments per trainable weight"),
         ("arguments (XLA)", p.arguments, "state + batch"),
