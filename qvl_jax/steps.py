@@ -28,9 +28,11 @@ def weights(state: dict):
     return state["params"] if state.get("compute") is None else state["compute"]
 
 
-def _logits(graphdef, params, frozen, patches, grid, dtype):
-    model = nnx.merge(graphdef, params, frozen)
-    return model(frame_values(patches, dtype), grid).logits
+def _logits(graphdef, params, frozen, patches, grid, dtype, mesh):
+    # the mesh as the ambient one while the model is traced: `qvl_jax.attention` lays cuDNN's operands out by it
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        model = nnx.merge(graphdef, params, frozen)
+        return model(frame_values(patches, dtype), grid).logits
 
 
 def example_losses(logits, labels, label_smoothing: float = 0.0):
@@ -45,7 +47,7 @@ def make_eval_step(graphdef, layout, *, grid, dtype, top_k: int = 5):
     """Jitted `(params, frozen, batch) -> (loss [B], top-k classes [B, k])` (best first), split over `data`."""
 
     def eval_step(params, frozen, batch):
-        logits = _logits(graphdef, params, frozen, batch["patches"], grid, dtype)
+        logits = _logits(graphdef, params, frozen, batch["patches"], grid, dtype, layout.mesh)
         k = min(top_k, logits.shape[-1])
         return example_losses(logits, batch["label"]), jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
@@ -66,7 +68,7 @@ def make_train_step(graphdef, tx, layout, shardings: dict, *, grid, dtype, label
     grad_shardings = shardings["grads"]
 
     def loss_sum(weights, frozen, micro):
-        logits = _logits(graphdef, weights, frozen, micro["patches"], grid, dtype)
+        logits = _logits(graphdef, weights, frozen, micro["patches"], grid, dtype, layout.mesh)
         w = micro["valid"].astype(jnp.float32)
         ce = example_losses(logits, micro["label"], label_smoothing)
         correct = (jnp.argmax(logits, -1) == micro["label"]).astype(jnp.float32)

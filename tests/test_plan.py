@@ -107,6 +107,20 @@ def test_plan_of_the_tiny_model_for_two_h100(tmp_path, capsys):
     assert "fits: yes" in text and "NVIDIA H100 80GB HBM3" in text and "DeepSpeed" in text
 
 
+def test_fsdp_compiles_with_cudnn_when_the_devices_do_not_divide_the_heads(tmp_path):
+    """7B's pattern (28 heads, 4 KV heads on 8 devices) at tiny size: 6 heads and 2 KV heads on 4 devices. fsdp
+    splits o_proj's input dimension (heads x head_dim) over the devices; without the attention operands pinned to
+    a split over examples, XLA carried that split into the heads and cuDNN's partitioner refused it."""
+    model = {**CUDNN_MODEL, "vision_config": {**CUDNN_MODEL["vision_config"], "out_hidden_size": 96},
+             "text_config": {**CUDNN_MODEL["text_config"], "hidden_size": 96, "num_attention_heads": 6,
+                             "num_key_value_heads": 2}}
+    path = _config(tmp_path, model={"compute_dtype": "bfloat16", "config": model}, training={"batch_size": 2},
+                   sharding={"strategy": "fsdp", "min_shard_size": 1})
+    config = load_config(path)
+    planned = plan_lib.plan_step(config, plan_lib.Target("h100-80gb", 4))
+    assert planned.plan.fits and planned.plan.cudnn_attention_calls > 0 and planned.plan.xla_attention_calls == 0
+
+
 def test_plan_in_float32_has_no_cudnn_attention(tmp_path):
     path = _config(tmp_path)
     out = tmp_path / "plan.json"
