@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --durations=30 $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m qvl_jax.train --config configs/demo.yaml --set output.overwrite=true
