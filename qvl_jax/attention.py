@@ -17,6 +17,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from qvl_jax.sharding import split_over_examples
+
 log = logging.getLogger(__name__)
 
 Implementation = Literal["auto", "cudnn", "xla"]
@@ -101,23 +103,14 @@ def dot_product_attention(q, k, v, *, requested: Implementation = "auto", is_cau
         # fall-back therefore runs in float32 (cuDNN accumulates in float32 itself).
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         return _xla_attention(q, k, v, is_causal, kv_lengths).astype(out_dtype)
-    q, k, v = (_split_over_examples(x) for x in (q, k, v))
+    # cuDNN's partitioner takes operands split over examples or heads only; sharding propagation could carry a
+    # weight's split into the heads (fsdp splits o_proj's input dimension, heads x head_dim), which fails to
+    # compile when the devices do not divide the heads (7B's 28 and 4 KV heads on 8). The output's constraint
+    # holds for its gradient too.
+    q, k, v = (split_over_examples(x) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
                                        implementation=impl)
-    return _split_over_examples(out).astype(out_dtype)
-
-
-def _split_over_examples(x):
-    """`x [B, ...]` split over the ambient mesh's `data` axis along B, when there is one and it divides B.
-
-    cuDNN's partitioner takes operands split over examples or heads only. Left to itself, sharding propagation
-    can carry a weight's split into the heads (fsdp splits o_proj's input dimension, heads x head_dim, over the
-    devices), which fails to compile when the devices do not divide the heads (7B's 28 and 4 KV heads on 8).
-    The constraint on the output holds for its gradient too."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "data" not in mesh.axis_names or x.shape[0] % mesh.shape["data"]:
-        return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec("data"))
+    return split_over_examples(out).astype(out_dtype)
 
 
 def _xla_attention(q, k, v, is_causal: bool, kv_lengths):

@@ -21,7 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 
@@ -107,3 +108,16 @@ def held_bytes(tree: Any) -> int:
     device = jax.local_devices()[0]
     return sum(shard.data.nbytes for x in jax.tree.leaves(tree) for shard in x.addressable_shards
                if shard.device == device)
+
+
+def split_over_examples(x):
+    """`x [B, ...]` constrained to a split over the ambient mesh's `data` axis along B (the train and eval steps
+    trace the model under their mesh), when there is one and it divides B; else `x` as it is.
+
+    Activations between blocks, and cuDNN attention's operands, are pinned this way: under fsdp, sharding
+    propagation would otherwise carry the weights' split into the activations (splitting features or heads and
+    moving activations between devices) instead of gathering each weight where it is used."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA not in mesh.axis_names or x.shape[0] % mesh.shape[DATA]:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(DATA))

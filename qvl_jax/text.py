@@ -11,6 +11,7 @@ from qvl_jax.linear import dense
 from qvl_jax.norm import rms_norm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, mrope_cos_sin
+from qvl_jax.sharding import split_over_examples
 
 
 class TextAttention(nnx.Module):
@@ -80,7 +81,7 @@ class TextModel(nnx.Module):
         run = self.opts.maybe_remat(_run_layer)
         x = inputs_embeds.astype(self.opts.jnp_dtype)
         for layer in self.layers:
-            x = run(layer, x, cos, sin, kv_lengths)
+            x = split_over_examples(run(layer, split_over_examples(x), cos, sin, kv_lengths))
         return self.norm(x)
 
 

@@ -11,6 +11,7 @@ from qvl_jax.linear import dense, matmul
 from qvl_jax.norm import rms_norm
 from qvl_jax.options import ACTIVATIONS, RuntimeOptions, swiglu
 from qvl_jax.rotary import apply_rotary, one_row_if_shared, vision_cos_sin
+from qvl_jax.sharding import split_over_examples
 from qvl_jax.vision_layout import Segments, VisionLayout
 
 
@@ -145,7 +146,7 @@ class VisionTransformer(nnx.Module):
         run_window = opts.maybe_remat(_partial(layout.window))
         run_full = opts.maybe_remat(_partial(layout.full))
         for i, block in enumerate(self.blocks):
-            x = (run_full if i in full else run_window)(block, x, cos, sin)
+            x = split_over_examples((run_full if i in full else run_window)(block, split_over_examples(x), cos, sin))
         y = take_rows(self.merger(x), layout.unperm_merged)
         if int(layout.lengths.min()) < layout.num_patches:
             valid = jnp.arange(y.shape[1])[None, :] < jnp.asarray(layout.lengths // cfg.merge_unit)[:, None]
