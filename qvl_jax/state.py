@@ -74,8 +74,7 @@ def model_config(config: RunConfig, label_map: LabelMap) -> tuple[QwenVLConfig, 
 def hf_key(path) -> str:
     """An NNX state path (of `nnx.split` filters or of `jax.tree_util` over a State) -> the weight's HF key
     (the key `qvl_core.parts` is written in)."""
-    # A tree path ends in the Variable's `.value` attribute, which is not part of the name.
-    dotted = ".".join(str(getattr(p, "key", p)) for p in path if not isinstance(p, jax.tree_util.GetAttrKey))
+    dotted = ".".join(map(str, _path_names(path)))
     mapped = param_map.jax_to_hf(dotted)
     if mapped is None:
         raise KeyError(f"parameter {dotted} has no HF name in qvl_jax.param_map.RULES")
@@ -135,10 +134,10 @@ def compute_copy(params, dtypes, shardings):
 def _placement(config: RunConfig, abstract_model, layout: sharding_lib.Layout):
     """(graphdef, shardings of every parameter of the model, the compute dtypes): trainable weights of a run with
     a compute copy are master weights, sharded like the optimizer state; the rest as `Layout.params` says."""
-    graphdef, everything = nnx.split(abstract_model)
-    _, params, _ = nnx.split(abstract_model, trainable_filter(config.model), ...)
-    dtypes = compute_copy_dtypes(abstract_model, params, layout)
     trains = trainable_filter(config.model)
+    graphdef, everything = nnx.split(abstract_model)
+    _, params, _ = nnx.split(abstract_model, trains, ...)
+    dtypes = compute_copy_dtypes(abstract_model, params, layout)
 
     def sharding(path, x):
         if dtypes is not None and trains(_path_names(path), x):
