@@ -12,7 +12,8 @@
 # Arguments are passed on to the benchmark (e.g. `--set` overrides; a test runs this on a CPU with a shrunk model).
 # CHECKS picks the steps (default "doctor parity bench": rerun one alone after it failed; "memory" runs
 # benchmarks/memory_check.py, the planner's memory against the measured peak, in a call of its own); PARITY_SIZES,
-# PARITY_S, BENCH_S and MEMORY_S set the parity check's image sizes and the steps' time limits.
+# PARITY_S, BENCH_S and MEMORY_S set the parity check's image sizes and the steps' time limits; PARITY_ARGS adds
+# arguments to `parity_tests.check` (e.g. `--no-train`: the forward quantities only).
 # Exit status: 0 only when every step run passed (the parity contract held, the benchmark ran).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,8 +48,8 @@ make_checkpoint(\"$1\", seed=3, dtype=\"bfloat16\", num_labels=9,
                             window_size=56, fullatt_block_indexes=[1]),
                 text=dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                           rope_parameters={\"rope_type\": \"default\", \"rope_theta\": 1e6, \"mrope_section\": [2, 3, 3]}))
-" && "$0" -m parity_tests.check --checkpoint "$1" --dtype bfloat16 --image-sizes "$3" --json "$2"
-' "$PY" "$CK" "$OUT/parity_bf16.json" "$PARITY_SIZES" > "$OUT/parity.log" 2>&1
+" && "$0" -m parity_tests.check --checkpoint "$1" --dtype bfloat16 --image-sizes "$3" --json "$2" $4
+' "$PY" "$CK" "$OUT/parity_bf16.json" "$PARITY_SIZES" "${PARITY_ARGS:-}" > "$OUT/parity.log" 2>&1
 PARITY_STATUS=$?
 echo "parity exit status $PARITY_STATUS (124: out of time)"
 tail -3 "$OUT/parity.log"

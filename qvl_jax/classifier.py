@@ -42,6 +42,27 @@ def normalize_grids(grid_thw: Any, batch: int) -> tuple[Grid, ...]:
     return tuple(tuple(int(x) for x in row) for row in arr)
 
 
+class _EagerKeys(nnx.RngStream):
+    """A stream whose key arithmetic runs eagerly, also while the model is built under a trace.
+
+    flax 0.12 advances a stream's counter through `Variable.set_value`, which reads the new counter's
+    `.sharding`; on a tracer JAX answers with an error message that walks the whole trace so far, so building
+    the 3B model under `nnx.eval_shape` (~800 parameters, one draw each) was quadratic: 20 s, against 3.6 s with
+    the counter and keys kept concrete. The keys are the same either way."""
+
+    def __call__(self) -> jax.Array:
+        with jax.ensure_compile_time_eval():
+            return super().__call__()
+
+
+def model_rngs(seed: int) -> nnx.Rngs:
+    """`nnx.Rngs(seed)` for building a model, fast under `nnx.eval_shape` too (the same keys)."""
+    with jax.ensure_compile_time_eval():
+        rngs = nnx.Rngs(seed)
+        rngs.default = _EagerKeys(jax.random.key(seed), tag="default")
+    return rngs
+
+
 class QwenVLClassifier(nnx.Module):
     """`mode: vlm`: vision tower -> image tokens in the decoder -> pooling -> head.
     `mode: vision`: vision tower -> mean of the image features -> head."""

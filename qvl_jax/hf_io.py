@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from qvl_core.hf_checkpoint import (INDEX_FILE, SINGLE_FILE, CheckpointError, init_head, read_config,
                                     resolve_config, weight_files)
 from qvl_jax import param_map
-from qvl_jax.classifier import QwenVLClassifier
+from qvl_jax.classifier import QwenVLClassifier, model_rngs
 from qvl_jax.options import DTYPES, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
     cfg, files = resolve_config(path, num_labels=num_labels, mode=mode, pooling=pooling)
     opts = opts or RuntimeOptions(param_dtype=dtype, dtype=compute_dtype or dtype)
 
-    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: QwenVLClassifier(cfg, opts=opts, rngs=model_rngs(0)))
     graphdef, state = nnx.split(abstract)
     slots = {_dotted(p): v for p, v in nnx.to_flat_state(state)}
     patch_shape = (cfg.vision.in_channels, cfg.vision.temporal_patch_size, cfg.vision.patch_size,

@@ -45,7 +45,7 @@ from qvl_core.model_config import ConfigError, QwenVLConfig
 from qvl_core.schema import SchemaError
 from qvl_jax import param_map
 from qvl_jax import sharding as sharding_lib
-from qvl_jax.classifier import QwenVLClassifier
+from qvl_jax.classifier import QwenVLClassifier, model_rngs
 from qvl_jax.hf_io import load_hf
 from qvl_jax.lora import add_adapters
 from qvl_jax.options import RuntimeOptions
@@ -149,7 +149,7 @@ def _placement(config: RunConfig, abstract_model, layout: sharding_lib.Layout):
 
 def _classifier(config: RunConfig, cfg: QwenVLConfig, opts: RuntimeOptions, seed: int):
     """The classifier with fresh weights, and LoRA adapters when the run has them."""
-    model = QwenVLClassifier(cfg, opts=opts, rngs=nnx.Rngs(seed))
+    model = QwenVLClassifier(cfg, opts=opts, rngs=model_rngs(seed))
     if config.model.lora is not None:
         add_adapters(model, config.model.lora.spec())
     return model

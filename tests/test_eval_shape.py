@@ -9,11 +9,12 @@ from flax import nnx
 
 from qvl_core.model_config import QwenVLConfig
 from qvl_jax import QwenVLClassifier
+from qvl_jax.classifier import model_rngs
 from tests.real_configs import QWEN25_VL_3B, QWEN25_VL_7B
 
 
 def _jax_param_count(cfg):
-    model = nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=model_rngs(0)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -39,7 +40,7 @@ def test_real_config_param_count_equals_transformers(raw, approx):
 @pytest.mark.parametrize("raw", [QWEN25_VL_3B, QWEN25_VL_7B], ids=["3B", "7B"])
 def test_real_config_forward_shapes(raw):
     cfg = QwenVLConfig.from_hf_dict(copy.deepcopy(raw)).with_head(num_labels=101)
-    model = nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=model_rngs(0)))
     graphdef, state = nnx.split(model)
     grid = (1, 32, 32)  # a 448x448 image
 
@@ -65,7 +66,7 @@ def test_rotary_tables_are_constants_of_the_program():
     bench_small step, docs/performance.md). With one grid for the whole batch they are one row each, so the
     program's constants do not grow with the batch."""
     cfg = QwenVLConfig.from_hf_dict(copy.deepcopy(QWEN25_VL_3B)).with_head(num_labels=101)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenVLClassifier(cfg, rngs=model_rngs(0))))
 
     def forward(state, pix):
         return nnx.merge(graphdef, state)(pix, (1, 32, 32)).logits
