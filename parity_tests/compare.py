@@ -20,6 +20,7 @@ quantity large enough for the ratio to mean something.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 
@@ -129,10 +130,8 @@ class Sides:
     # ----------------------------------------------------------------- forward
     def forward_jax(self, pix, grids):
         import jax.numpy as jnp
-        from flax import nnx
         grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
-        fwd = nnx.jit(lambda m, p: (m.encode_image(p, grids_t), m(p, grids_t)))
-        feats, out = fwd(self.jax, jnp.asarray(pix))
+        feats, out = _forward(grids_t)(self.jax, jnp.asarray(pix))
         return {"image_features": np.asarray(feats, np.float32), "last_hidden_state":
                 np.asarray(out.last_hidden_state, np.float32), "logits": np.asarray(out.logits, np.float32)}
 
@@ -285,23 +284,35 @@ def adamw_jax(sides: Sides, steps) -> dict[str, np.ndarray]:
     from qvl_jax import param_map
     model = nnx.clone(sides.jax_master)  # the Sides stay untouched, so they can be reused
     opt = nnx.Optimizer(model, _jax_adamw(ADAMW_EPS[sides.dtype]), wrt=nnx.Param)
+    update = nnx.jit(lambda opt, model, grads: opt.update(model, grads))  # one compile, not one per op and shape
     for pix, grids, labels in steps:
         _, grads = _grads_state(model, pix, grids, labels)
-        opt.update(model, grads)
+        update(opt, model, grads)
     return _jax_to_hf_named(nnx.state(model, nnx.Param), sides.config, param_map)
 
 
 def _grads_state(model, pix, grids, labels):
     import jax.numpy as jnp
+    grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
+    return _loss_and_grads(grids_t)(model, jnp.asarray(pix), jnp.asarray(labels))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(grids_t):
+    from flax import nnx
+    return nnx.jit(lambda m, p: (m.encode_image(p, grids_t), m(p, grids_t)))
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(grids_t):
+    """The jitted loss and gradients for one batch geometry: the three batches of a comparison share it."""
     import optax
     from flax import nnx
-    grids_t = tuple(map(tuple, np.asarray(grids).tolist()))
 
-    def loss_fn(m):
-        logits = m(jnp.asarray(pix), grids_t).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean()
+    def loss_fn(m, pix, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(m(pix, grids_t).logits, labels).mean()
 
-    return nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    return nnx.jit(nnx.value_and_grad(loss_fn))
 
 
 def adamw_torch(sides: Sides, model, steps) -> dict[str, np.ndarray]:
@@ -329,19 +340,25 @@ def adamw_updates(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], e
     """optax's and torch's AdamW from the same `params`, fed the same gradients (`grads[key]`: `[steps, ...]`):
     each side's updates summed over the steps, in float64 (JAX: the updates optax returns, before they are added
     to a float32 parameter; torch: float64 master weights, after - before)."""
+    import jax
     import jax.numpy as jnp
     import optax
     import torch
 
     tx = _jax_adamw(eps)
+
+    @jax.jit
+    def jax_step(grads, state, p):
+        updates, state = tx.update(grads, state, p)
+        return updates, state, optax.apply_updates(p, updates)
+
     p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
     state, jax_total = tx.init(p), {k: np.zeros(v.shape) for k, v in params.items()}
     master = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
     opt = torch.optim.AdamW(list(master.values()), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=eps,
                             weight_decay=ADAMW["weight_decay"])
     for step in range(len(next(iter(grads.values())))):
-        updates, state = tx.update({k: jnp.asarray(grads[k][step]) for k in p}, state, p)
-        p = optax.apply_updates(p, updates)
+        updates, state, p = jax_step({k: jnp.asarray(grads[k][step]) for k in p}, state, p)
         jax_total = {k: jax_total[k] + np.asarray(updates[k], np.float64) for k in p}
         for k, m in master.items():
             m.grad = torch.from_numpy(np.asarray(grads[k][step], np.float64))
