@@ -28,7 +28,7 @@ from qvl_core.data import BadRecords, DataError, LabelMap
 from qvl_core.hf_checkpoint import CheckpointError
 from qvl_core.metrics import MetricsLogger
 from qvl_core.runs import EvalTally, Progress, StopRequest, checkpoint_steps
-from qvl_core.schema import SchemaError
+from qvl_core.schema import SchemaError, to_dict
 
 log = logging.getLogger("qvl.train")
 
@@ -154,6 +154,26 @@ def check_resume(meta: dict, source: Path, label_map: LabelMap, geometry: Geomet
         raise SchemaError(f"checkpoint {source} was trained with a global batch of {meta['global_batch']}, this run "
                           f"has {geometry.global_batch} ({geometry.micro_batch} per device x {geometry.devices} "
                           f"devices x {geometry.accumulation} accumulation): {fix} so that they agree")
+
+
+# Model keys that decide which weights a checkpoint holds and which of them train (its state's structure).
+STATE_KEYS = ("lora", "freeze_vision", "freeze_merger", "freeze_decoder", "mode")
+
+
+def check_model(saved_config: dict, source: Path, model_config) -> None:
+    """Before a checkpoint's state is read: it must hold the weights this run's model has (same LoRA adapters,
+    same frozen parts), else a one-line error naming the key, instead of a tree mismatch from the reader."""
+    saved = saved_config.get("model", {})
+    now = to_dict(model_config)
+    for key in STATE_KEYS:
+        if key in saved and saved[key] != now.get(key):
+            raise SchemaError(f"checkpoint {source} was trained with model.{key} = {_show(saved[key])}, this run has "
+                              f"{_show(now.get(key))}: set model.{key} as it was to resume it (or start a new run "
+                              f"from its HF export with model.pretrained_name)")
+
+
+def _show(value) -> str:
+    return "null" if value is None else json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
 
 
 # ----------------------------------------------------------------------------- the backend

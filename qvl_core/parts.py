@@ -50,6 +50,17 @@ def canonical_hf_key(key: str) -> str:
     return key
 
 
+def module_layout_key(key: str) -> str:
+    """A hub-layout key -> the same weight's (or module's) name in `qvl_torch`'s classifier, which holds
+    transformers' `Qwen2_5_VLModel` as `model` (`model.visual.*`, `model.language_model.*`, `classifier.*`): the
+    names a PEFT adapter of that model uses. `canonical_hf_key` reads them back."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
 def part_of(hf_key: str) -> Part:
     """The part a weight belongs to, by its HF key in any known layout."""
     key = canonical_hf_key(hf_key)

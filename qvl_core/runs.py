@@ -43,7 +43,7 @@ def claim_run_dir(run_dir: Path, *, resume_from: str | None, overwrite: bool, pr
                           f"output.run_name")
     if process_index == 0:
         log.warning("output.overwrite: removing the earlier run's checkpoints, exports and metrics in %s", run_dir)
-        for name in ("checkpoints", "hf_final", "hf_best", "eval"):
+        for name in ("checkpoints", "hf_final", "hf_best", "adapter_final", "adapter_best", "eval"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         (run_dir / "logs" / "metrics.jsonl").unlink(missing_ok=True)
 

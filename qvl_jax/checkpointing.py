@@ -67,6 +67,12 @@ class Checkpoints:
 
         return latest_checkpoint(directory, Checkpoints.is_checkpoint)
 
+    def meta(self, step_dir: Path) -> dict:
+        """The JSON saved beside a step's state, read without the state."""
+        step_dir = Path(step_dir).absolute()
+        reader = self.manager if step_dir.parent == self.directory else ocp.CheckpointManager(step_dir.parent)
+        return reader.restore(int(step_dir.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step_dir: Path, template: dict, iterator=None) -> tuple[dict, dict, bool]:
         """(the `SAVED` parts of a state laid out like `template`'s, meta, whether `iterator` was restored).
 

@@ -3,8 +3,9 @@
     python -m qvl_jax.evaluate --checkpoint PATH [--config X.yaml] [--split test] [--set KEY=VALUE ...]
 
 PATH is a run directory (its best checkpoint, else its latest), an orbax step
-directory (`<run>/checkpoints/<step>`), or a classifier in HF format (`hf_final`,
-`hf_best`, from either trainer). The config defaults to the run's `config.yaml`.
+directory (`<run>/checkpoints/<step>`), a classifier in HF format (`hf_final`,
+`hf_best`, from either trainer), or a LoRA adapter in PEFT's format
+(`adapter_final`, `adapter_best`; its base from `--base` or the adapter's config). The config defaults to the run's `config.yaml`.
 The stored label map is read back and must match the data's (same classes at the
 same head indices). Prints loss, top-1 and top-5 accuracy per data set and overall,
 and writes them with a per-class accuracy CSV and a confusion-matrix PNG to
@@ -28,6 +29,7 @@ from qvl_core import hostmem
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import DataError, EvalSource, LabelMap, load_data
 from qvl_core.hf_checkpoint import CheckpointError
+from qvl_core.lora import ADAPTER_CONFIG, ADAPTER_META
 from qvl_core.runs import setup_logging
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -63,9 +65,9 @@ def locate(checkpoint: str | Path) -> tuple[str, Path, Path | None]:
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path}: no such file or directory")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file():
         run = path.parent if (path.parent / "config.yaml").is_file() else None
-        return "hf", path, run
+        return "hf" if (path / "config.json").is_file() else "adapter", path, run
     if path.name.isdigit() and (path / "state").is_dir():
         return "orbax", path, path.parent.parent if (path.parent.parent / "config.yaml").is_file() else None
     if path.name.isdigit() and list(path.glob("mp_rank_*")):
@@ -87,8 +89,9 @@ def locate(checkpoint: str | Path) -> tuple[str, Path, Path | None]:
     raise CheckpointError(f"--checkpoint {path}: not a run directory, an orbax step directory or an HF export")
 
 
-def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> Loaded:
-    """Restores the classifier of `checkpoint` (see `locate`) onto the devices of this process group."""
+def load_classifier(checkpoint: str | Path, config: RunConfig | None = None, base: str | Path | None = None) -> Loaded:
+    """Restores the classifier of `checkpoint` (see `locate`) onto the devices of this process group. For a LoRA
+    adapter directory the base model is `base`, else the directory its adapter_config.json names."""
     kind, where, run = locate(checkpoint)
     out_dir = (run or where.parent) / "eval"
     layout = sharding_lib.Layout(sharding_lib.make_mesh(), "dp")
@@ -110,7 +113,16 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> 
         state = {"params": state["params"], "frozen": state["frozen"]}
         return Loaded(graphdef, state, layout, config, label_map, meta["step"], where, out_dir, opts,
                       config.data.image_hw, config.data.eval_crop_fraction)
-    raw = json.loads((where / "config.json").read_text())
+    if kind == "adapter":
+        adapter_cfg = json.loads((where / ADAPTER_CONFIG).read_text())
+        base = base or adapter_cfg.get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise CheckpointError(f"{where / ADAPTER_CONFIG}: its base model {base!r} is not a local directory; "
+                                  "pass the base with --base")
+        raw = {"qvl_classifier": json.loads((where / ADAPTER_META).read_text())
+               if (where / ADAPTER_META).is_file() else {}}
+    else:
+        raw = json.loads((where / "config.json").read_text())
     stored = raw.get("qvl_classifier", {})
     if (where / "label_map.json").is_file():
         label_map = LabelMap.load(where / "label_map.json")
@@ -120,7 +132,7 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> 
     else:
         raise CheckpointError(f"{where}: no label_map.json and no id2label in config.json")
     opts = RuntimeOptions.for_run(config) if config is not None else RuntimeOptions()
-    model = load_hf(where, opts=opts)
+    model = load_hf(base, adapter=where, opts=opts) if kind == "adapter" else load_hf(where, opts=opts)
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model) if config else (lambda *_: True), ...)
     params, frozen = (jax.device_put(t, layout.params(t)) for t in (params, frozen))
     image_hw = tuple(stored["image_size"]) if "image_size" in stored else (config.data.image_hw if config else None)
@@ -129,7 +141,8 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None) -> 
                   opts, image_hw, crop)
 
 
-def run_evaluation(checkpoint: str | Path, config: RunConfig | None = None, split: str | None = None) -> dict:
+def run_evaluation(checkpoint: str | Path, config: RunConfig | None = None, split: str | None = None,
+                   base: str | Path | None = None) -> dict:
     kind, where, run = locate(checkpoint)
     if config is None and run is not None:
         config = load_config(run / "config.yaml")
@@ -139,7 +152,7 @@ def run_evaluation(checkpoint: str | Path, config: RunConfig | None = None, spli
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, datasets=tuple(
             dataclasses.replace(d, eval_split=split) for d in config.data.datasets)))
     init_distributed(config.distributed)
-    loaded = load_classifier(checkpoint, config)
+    loaded = load_classifier(checkpoint, config, base=base)
     setup_logging(loaded.out_dir.parent, jax.process_index())
     data = load_data(config.data)
     data.label_map.check_compatible(loaded.label_map, f"checkpoint {loaded.source}")
@@ -167,7 +180,10 @@ def run_evaluation(checkpoint: str | Path, config: RunConfig | None = None, spli
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qvl_jax.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run dir, <run>/checkpoints/<step>, or an HF export")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir, <run>/checkpoints/<step>, an HF export, or a LoRA adapter (adapter_final)")
+    parser.add_argument("--base", default=None,
+                        help="a LoRA adapter's base model (default: its adapter_config.json's base_model_name_or_path)")
     parser.add_argument("--config", default=None, help="run config (default: the run's config.yaml)")
     parser.add_argument("--split", default=None, help="evaluate this split of every data set (default: eval_split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -177,7 +193,7 @@ def main(argv=None) -> int:
         if args.config or args.set:
             path = args.config or (locate(args.checkpoint)[2] or Path(".")) / "config.yaml"
             config = load_config(path, args.set)
-        result = run_evaluation(args.checkpoint, config, args.split)
+        result = run_evaluation(args.checkpoint, config, args.split, base=args.base)
     except (SchemaError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

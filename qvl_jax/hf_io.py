@@ -32,8 +32,15 @@ log = logging.getLogger(__name__)
 def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: str = "float32",
             mode: str | None = None, pooling: str | None = None, compute_dtype: str | None = None,
             opts: RuntimeOptions | None = None, head_seed: int = 0,
-            place: Callable[[str, np.ndarray], jax.Array] | None = None) -> QwenVLClassifier:
+            place: Callable[[str, np.ndarray], jax.Array] | None = None,
+            adapter: str | os.PathLike | None = None, check_base: bool = True) -> QwenVLClassifier:
     """Builds a `QwenVLClassifier` from a local HF Qwen2.5-VL directory.
+
+    `adapter`: a PEFT LoRA adapter directory (a LoRA run's `adapter_final`/`adapter_best`, or one
+    `peft.PeftModel.save_pretrained` wrote for `qvl_torch`'s classifier) put on the base at `path`: its
+    adapters on their layers (unmerged; `qvl_jax.lora.merge_adapters` folds them in) and its saved modules
+    (the head, a trained merger) over the base's. The label count, head mode and pooling default to the
+    adapter's. `check_base`: its `base_model_name_or_path` must name `path` (the directory's name).
 
     `dtype` is the parameter dtype (`compute_dtype` defaults to it; `opts`
     overrides both). `mode`/`pooling` default to what the checkpoint stored,
@@ -43,6 +50,20 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
     parameter's sharding), so no device holds more than its share; default: the
     default device.
     """
+    if adapter is not None:
+        from qvl_core import lora
+        from qvl_jax.lora import apply_adapter
+
+        read = lora.read_adapter(adapter)
+        _check_base(read, path, check_base)
+        head = read.saved.get("classifier.weight")
+        num_labels = num_labels or (head.shape[0] if head is not None else None)
+        mode = mode or read.meta.get("mode")
+        pooling = pooling or read.meta.get("pooling")
+        model = load_hf(path, num_labels=num_labels, dtype=dtype, mode=mode, pooling=pooling,
+                        compute_dtype=compute_dtype, opts=opts, head_seed=head_seed, place=place)
+        apply_adapter(model, read)
+        return model
     cfg, files = resolve_config(path, num_labels=num_labels, mode=mode, pooling=pooling)
     opts = opts or RuntimeOptions(param_dtype=dtype, dtype=compute_dtype or dtype)
 
@@ -90,6 +111,16 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
         for jax_path, array in fresh.items():
             slots[jax_path].set_value(put(jax_path, array.astype(slots[jax_path].dtype)))
     return nnx.merge(graphdef, state)
+
+
+def _check_base(adapter, path, check: bool) -> None:
+    from qvl_core.lora import ADAPTER_CONFIG, LoraError
+
+    base = adapter.config.get("base_model_name_or_path")
+    if check and base and Path(str(base).rstrip("/")).name != Path(path).resolve().name:
+        raise LoraError(f"{adapter.path / ADAPTER_CONFIG}: base_model_name_or_path is {base!r}, but the base "
+                        f"model given is {str(path)!r}; load it on its own base (or pass check_base=False, "
+                        "`--no-check-base`, if this directory is that base under another name)")
 
 
 def _key_report(path, cfg, missing, unexpected, mis_shaped) -> str:

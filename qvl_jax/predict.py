@@ -2,8 +2,9 @@
 
     python -m qvl_jax.predict --checkpoint PATH IMAGE_OR_DIR [...] [--top_k 5] [--json] [--output preds.jsonl]
 
-PATH is what `qvl_jax.evaluate` takes: a run directory, an orbax step directory, or
-an HF export (`hf_final` / `hf_best`, from either trainer). Class names come from
+PATH is what `qvl_jax.evaluate` takes: a run directory, an orbax step directory,
+an HF export (`hf_final` / `hf_best`, from either trainer), or a LoRA adapter
+directory (`adapter_final`; `--base` names its base model if its config does not). Class names come from
 the label map stored with the checkpoint; images are resized and centre-cropped as
 at evaluation, to the size the model was trained at. A path that is not a readable
 image is reported and the others still run.
@@ -43,12 +44,12 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 
 def predict(checkpoint: str, inputs: list[str], *, top_k: int = 5, batch_size: int = 16,
-            image_size: tuple[int, int] | None = None, config_path: str | None = None):
+            image_size: tuple[int, int] | None = None, config_path: str | None = None, base: str | None = None):
     """Yields one dict per image: path, then labels/probs (best first) or error."""
     _, _, run = locate(checkpoint)
     config_file = Path(config_path) if config_path else (run / "config.yaml" if run else None)
     config = load_config(config_file) if config_file and config_file.is_file() else None
-    loaded = load_classifier(checkpoint, config)
+    loaded = load_classifier(checkpoint, config, base=base)
     names = loaded.label_map.names
     size = tuple(image_size or loaded.image_hw or ())
     if len(size) != 2:
@@ -83,7 +84,10 @@ def predict(checkpoint: str, inputs: list[str], *, top_k: int = 5, batch_size: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qvl_jax.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run dir, <run>/checkpoints/<step>, or an HF export")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run dir, <run>/checkpoints/<step>, an HF export, or a LoRA adapter (adapter_final)")
+    parser.add_argument("--base", default=None,
+                        help="a LoRA adapter's base model (default: its adapter_config.json's base_model_name_or_path)")
     parser.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
     parser.add_argument("--top_k", "--top-k", dest="top_k", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
     out = open(args.output, "w") if args.output else None
     try:
         for row in predict(args.checkpoint, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                           image_size=tuple(args.image_size) if args.image_size else None, config_path=args.config):
+                           image_size=tuple(args.image_size) if args.image_size else None, config_path=args.config,
+                           base=args.base):
             if args.json:
                 print(json.dumps(row))
             elif "error" in row:

@@ -25,13 +25,14 @@ from flax import nnx
 from qvl_core import gpus, hostmem, loop
 from qvl_core.config import RunConfig
 from qvl_core.data import EvalSource, LabelMap, TrainSource
+from qvl_core.parts import PARTS, trains
 from qvl_core.runs import export_metadata, start_run
 from qvl_jax import memory
 from qvl_jax import sharding as sharding_lib
 from qvl_jax.checkpointing import Checkpoints
 from qvl_jax.hf_io import save_hf
 from qvl_jax.input_pipeline import make_loader, read_ahead
-from qvl_jax.lora import merge_adapters
+from qvl_jax.lora import merge_adapters, save_adapter
 from qvl_jax.options import RuntimeOptions
 from qvl_jax.state import (compute_copy, compute_copy_dtypes, create_model, frozen_in_compute_dtype,
                            make_optimizer, model_config, state_shardings, trainable_filter)
@@ -134,6 +135,7 @@ class JaxBackend:
         return Checkpoints.is_checkpoint(step_dir)
 
     def restore(self, step_dir: Path) -> dict:
+        loop.check_model(self.ckpt.meta(step_dir).get("config", {}), step_dir, self.config.model)
         self._iter = self._loader()
         restored, meta, iterator_restored = self.ckpt.restore(step_dir, self.state, self._iter)
         self.state.update(restored, compute=compute_copy(restored["params"], self.compute_dtypes,
@@ -195,13 +197,24 @@ class JaxBackend:
 
 
 def export_hf(graphdef, state, path: Path, config: RunConfig, label_map: LabelMap) -> None:
-    """The classifier as an HF directory, with the image geometry it was trained at and the label map."""
+    """The classifier as an HF directory, with the image geometry it was trained at and the label map. A LoRA
+    run also writes its adapter in PEFT's format beside it (`hf_final` -> `adapter_final`), the head and any
+    fully trained part under `modules_to_save`; the HF directory holds the adapters merged."""
     params = jax.tree.map(to_host, state["params"])
     frozen = jax.tree.map(to_host, state["frozen"])
     if jax.process_index() == 0:
         model = nnx.merge(graphdef, params, frozen)
+        meta = export_metadata(config, label_map)
+        if config.model.lora is not None:
+            adapter_dir = Path(path).with_name(Path(path).name.replace("hf_", "adapter_", 1))
+            head = model.config.head
+            save_adapter(model, adapter_dir, spec=config.model.lora.spec(), base_model=config.model.pretrained_name,
+                         fully_trained=[p.prefix.rstrip(".") for p in PARTS if trains(p, config.model)],
+                         meta={"mode": head.mode, "pooling": head.pooling, "num_labels": head.num_labels, **meta})
+            label_map.save(adapter_dir / "label_map.json")
+            log.info("wrote the LoRA adapter in PEFT's format to %s", adapter_dir)
         merge_adapters(model)  # LoRA: the adapters folded into the weights
-        save_hf(model, path, extra=export_metadata(config, label_map))
+        save_hf(model, path, extra=meta)
         label_map.save(Path(path) / "label_map.json")
 
 
