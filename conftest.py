@@ -11,6 +11,14 @@ def pytest_configure(config):
     # check skipped before JAX first looks for backends.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    # XLA:CPU's LLVM back end at -O0: most of the suite's time is compiling tiny programs, whose run time does
+    # not matter. The programs XLA builds (fusion, layout, sharding, memory plans) are the same; only the
+    # machine code is less optimised, so float results may differ in the last bit from an optimised build (the
+    # tests compare runs within one setting, or against torch within the parity contract).
+    # Set QVL_TEST_XLA_OPT=1 to test with XLA's default.
+    if os.environ.get("QVL_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
+            "XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     # One JAX compilation cache per test session, shared by the xdist workers and the trainers they start as
     # subprocesses (which inherit the environment): the tiny models' steps compile once instead of once per
     # process. Set before any test imports jax; removed at the end, so nothing carries over between sessions.

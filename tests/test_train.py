@@ -15,7 +15,7 @@ from qvl_core.metrics import read_metrics
 from qvl_core.runs import checkpoint_steps
 from qvl_core.schema import SchemaError, from_dict
 from tests.train_helpers import (logged_steps, losses, resumed_at, stop_with_sigterm, tiny_config, train_subprocess,
-                                 write_config)
+                                 with_devices, write_config)
 
 
 def _run(tmp_path, config: dict, **kw):
@@ -151,7 +151,7 @@ def test_zero2_and_fsdp_match_dp_on_8_devices_and_hold_their_shards(tmp_path):
     path = write_config(tmp_path, config)
     runs = "dp,zero2,zero2:bfloat16:replicated,zero2:bfloat16:resumed,fsdp:bfloat16"
     code = f"from tests.train_helpers import held_bytes_report; held_bytes_report({str(path)!r}, {runs!r}, 5)"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": with_devices(8)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     held = json.loads(out.stdout.split("HELD ", 1)[1])

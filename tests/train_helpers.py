@@ -74,12 +74,18 @@ def resumed_at(log: str) -> int:
     return int(found[0])
 
 
+def with_devices(n: int) -> str:
+    """XLA_FLAGS for a process with `n` simulated CPU devices, keeping the session's other flags."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
+
+
 def train_subprocess(config_path: Path, *extra: str, devices: int | None = None, env: dict | None = None,
                      timeout: int = 1800, wait: bool = True):
     cmd = [sys.executable, "-m", "qvl_jax.train", "--config", str(config_path), *extra]
     full_env = {**os.environ, **(env or {})}
     if devices:
-        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        full_env["XLA_FLAGS"] = with_devices(devices)
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
