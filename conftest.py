@@ -11,6 +11,10 @@ def pytest_configure(config):
     # check skipped before JAX first looks for backends.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    # The trainers' CLIs restart themselves once to turn on glibc's huge-page malloc (qvl_core.hostmem), paying
+    # their imports twice; started with it set, the subprocesses the tests run do not (tests/test_hostmem.py
+    # checks the restart itself, in an environment without it).
+    os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     # XLA:CPU's LLVM back end at -O0: most of the suite's time is compiling tiny programs, whose run time does
     # not matter. The programs XLA builds (fusion, layout, sharding, memory plans) are the same; only the
     # machine code is less optimised, so float results may differ in the last bit from an optimised build (the
