@@ -50,11 +50,23 @@ class RuntimeOptions:
         return {"dtype": self.jnp_dtype, "param_dtype": self.jnp_param_dtype}
 
     def maybe_remat(self, fn):
-        """Wraps `fn(module, *arrays)` in `nnx.remat` when remat is on."""
+        """Wraps `fn(module, *arrays)` in `jax.checkpoint` when remat is on.
+
+        The module goes in as its state and is rebuilt inside, so nothing of the outer module is written from
+        the inner trace. (`nnx.remat` writes its inputs' variables back, which fails with `TraceContextError`
+        for weights that are not differentiated, a frozen part or a LoRA base, and the blocks change no
+        state.)"""
         if not self.remat:
             return fn
         from flax import nnx
-        return nnx.remat(fn, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+
+        policy = getattr(jax.checkpoint_policies, self.remat_policy)
+
+        def run(module, *arrays):
+            graphdef, state = nnx.split(module)
+            return jax.checkpoint(lambda state, *a: fn(nnx.merge(graphdef, state), *a), policy=policy)(state, *arrays)
+
+        return run
 
 
 ACTIVATIONS = {
