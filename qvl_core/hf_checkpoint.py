@@ -10,6 +10,7 @@ import numpy as np
 from safetensors import safe_open
 
 from qvl_core.model_config import ConfigError, QwenVLConfig, head_input_size
+from qvl_core.schema import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,12 +27,7 @@ def read_config(path: str | os.PathLike) -> tuple[QwenVLConfig, dict]:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: an HF checkpoint directory needs its config.json")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    raw = read_json(cfg_file, CheckpointError, f"{cfg_file} is missing: an HF checkpoint directory needs its config.json")
     try:
         return QwenVLConfig.from_hf_dict(raw, source=str(cfg_file)), raw
     except ConfigError as e:

@@ -20,14 +20,13 @@ transformers+peft run start from the same adapters without exchanging files.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from qvl_core.schema import SchemaError
+from qvl_core.schema import SchemaError, read_json
 
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's layers `vision: true` adds: fused qkv, output projection, the gated MLP.
@@ -158,10 +157,7 @@ def read_adapter(path) -> Adapter:
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise LoraError(f"{path}: not a PEFT adapter directory ({f.name} is missing)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{cfg_file}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_file, LoraError)
     if cfg.get("peft_type") != "LORA":
         raise LoraError(f"{cfg_file}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if cfg.get(k)]
@@ -198,5 +194,5 @@ def read_adapter(path) -> Adapter:
     if not lora:
         raise LoraError(f"{weights_file}: no lora_A/lora_B weights")
     meta_file = path / ADAPTER_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = read_json(meta_file, LoraError) if meta_file.is_file() else {}
     return Adapter(path, cfg, float(alpha) / r, lora, saved, meta)

@@ -19,6 +19,21 @@ class SchemaError(ValueError):
     """A config value that does not fit its section's schema."""
 
 
+def read_json(path, error: type[Exception] = SchemaError, missing: str | None = None) -> Any:
+    """A JSON file's contents; `error(missing)` when the file is absent, `error` naming the file when it is not
+    JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing or f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+
+
 def _close_matches(key: str, options: list[str]) -> str:
     import difflib
 

@@ -8,12 +8,11 @@ the JAX path), so the JSON may not carry `optimizer` or `scheduler` blocks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from qvl_core.config import RunConfig
-from qvl_core.schema import SchemaError
+from qvl_core.schema import SchemaError, read_json
 
 
 def _reconcile(ds: dict, key: str, want: Any, yaml_key: str, source: str) -> None:
@@ -32,13 +31,7 @@ def resolve_ds_config(path: str | Path | None, config: RunConfig, world_size: in
     if path is None:
         ds: dict[str, Any] = {"zero_optimization": {"stage": 2}}
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise SchemaError(f"--deepspeed {p}: no such file")
-        try:
-            ds = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{p} is not valid JSON: {e}") from None
+        ds = read_json(path, SchemaError, f"--deepspeed {path}: no such file")
     for block in ("optimizer", "scheduler"):
         if block in ds:
             raise SchemaError(f"{source}: remove the {block!r} block; qvl builds AdamW and the warm-up + cosine "
