@@ -115,6 +115,7 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None, bas
                       config.data.image_hw, config.data.eval_crop_fraction)
     if kind == "adapter":
         adapter_cfg = json.loads((where / ADAPTER_CONFIG).read_text())
+        named_base = base is not None  # --base: the user's choice, not checked against the adapter's config
         base = base or adapter_cfg.get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise CheckpointError(f"{where / ADAPTER_CONFIG}: its base model {base!r} is not a local directory; "
@@ -132,7 +133,8 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None, bas
     else:
         raise CheckpointError(f"{where}: no label_map.json and no id2label in config.json")
     opts = RuntimeOptions.for_run(config) if config is not None else RuntimeOptions()
-    model = load_hf(base, adapter=where, opts=opts) if kind == "adapter" else load_hf(where, opts=opts)
+    model = (load_hf(base, adapter=where, opts=opts, check_base=not named_base) if kind == "adapter" else
+             load_hf(where, opts=opts))
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model) if config else (lambda *_: True), ...)
     params, frozen = (jax.device_put(t, layout.params(t)) for t in (params, frozen))
     image_hw = tuple(stored["image_size"]) if "image_size" in stored else (config.data.image_hw if config else None)

@@ -119,8 +119,8 @@ def _check_base(adapter, path, check: bool) -> None:
     base = adapter.config.get("base_model_name_or_path")
     if check and base and Path(str(base).rstrip("/")).name != Path(path).resolve().name:
         raise LoraError(f"{adapter.path / ADAPTER_CONFIG}: base_model_name_or_path is {base!r}, but the base "
-                        f"model given is {str(path)!r}; load it on its own base (or pass check_base=False, "
-                        "`--no-check-base`, if this directory is that base under another name)")
+                        f"model given is {str(path)!r}; load it on its own base (if this directory is that base under "
+                        "another name: check_base=False in load_hf, or --base DIR for evaluate and predict)")
 
 
 def _key_report(path, cfg, missing, unexpected, mis_shaped) -> str:
