@@ -5,7 +5,8 @@
 PATH is a run directory (its best checkpoint, else its latest), an orbax step
 directory (`<run>/checkpoints/<step>`), a classifier in HF format (`hf_final`,
 `hf_best`, from either trainer), or a LoRA adapter in PEFT's format
-(`adapter_final`, `adapter_best`; its base from `--base` or the adapter's config). The config defaults to the run's `config.yaml`.
+(`adapter_final`, `adapter_best`; its base from `--base` or the adapter's config).
+The config defaults to the run's `config.yaml`.
 The stored label map is read back and must match the data's (same classes at the
 same head indices). Prints loss, top-1 and top-5 accuracy per data set and overall,
 and writes them with a per-class accuracy CSV and a confusion-matrix PNG to
@@ -29,7 +30,7 @@ from qvl_core import hostmem
 from qvl_core.config import RunConfig, load_config
 from qvl_core.data import DataError, EvalSource, LabelMap, load_data
 from qvl_core.hf_checkpoint import CheckpointError
-from qvl_core.lora import ADAPTER_CONFIG, ADAPTER_META
+from qvl_core.lora import ADAPTER_CONFIG, read_adapter
 from qvl_core.runs import setup_logging
 from qvl_core.schema import SchemaError
 from qvl_jax import sharding as sharding_lib
@@ -114,14 +115,13 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None, bas
         return Loaded(graphdef, state, layout, config, label_map, meta["step"], where, out_dir, opts,
                       config.data.image_hw, config.data.eval_crop_fraction)
     if kind == "adapter":
-        adapter_cfg = json.loads((where / ADAPTER_CONFIG).read_text())
+        adapter = read_adapter(where)  # read once: its config, metadata and weights
         named_base = base is not None  # --base: the user's choice, not checked against the adapter's config
-        base = base or adapter_cfg.get("base_model_name_or_path")
+        base = base or adapter.config.get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise CheckpointError(f"{where / ADAPTER_CONFIG}: its base model {base!r} is not a local directory; "
                                   "pass the base with --base")
-        raw = {"qvl_classifier": json.loads((where / ADAPTER_META).read_text())
-               if (where / ADAPTER_META).is_file() else {}}
+        raw = {"qvl_classifier": adapter.meta}
     else:
         raw = json.loads((where / "config.json").read_text())
     stored = raw.get("qvl_classifier", {})
@@ -133,7 +133,7 @@ def load_classifier(checkpoint: str | Path, config: RunConfig | None = None, bas
     else:
         raise CheckpointError(f"{where}: no label_map.json and no id2label in config.json")
     opts = RuntimeOptions.for_run(config) if config is not None else RuntimeOptions()
-    model = (load_hf(base, adapter=where, opts=opts, check_base=not named_base) if kind == "adapter" else
+    model = (load_hf(base, adapter=adapter, opts=opts, check_base=not named_base) if kind == "adapter" else
              load_hf(where, opts=opts))
     graphdef, params, frozen = nnx.split(model, trainable_filter(config.model) if config else (lambda *_: True), ...)
     params, frozen = (jax.device_put(t, layout.params(t)) for t in (params, frozen))

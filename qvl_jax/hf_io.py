@@ -33,10 +33,10 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
             mode: str | None = None, pooling: str | None = None, compute_dtype: str | None = None,
             opts: RuntimeOptions | None = None, head_seed: int = 0,
             place: Callable[[str, np.ndarray], jax.Array] | None = None,
-            adapter: str | os.PathLike | None = None, check_base: bool = True) -> QwenVLClassifier:
+            adapter=None, check_base: bool = True) -> QwenVLClassifier:
     """Builds a `QwenVLClassifier` from a local HF Qwen2.5-VL directory.
 
-    `adapter`: a PEFT LoRA adapter directory (a LoRA run's `adapter_final`/`adapter_best`, or one
+    `adapter`: a PEFT LoRA adapter directory, or one already read (`qvl_core.lora.read_adapter`) (a LoRA run's `adapter_final`/`adapter_best`, or one
     `peft.PeftModel.save_pretrained` wrote for `qvl_torch`'s classifier) put on the base at `path`: its
     adapters on their layers (unmerged; `qvl_jax.lora.merge_adapters` folds them in) and its saved modules
     (the head, a trained merger) over the base's. The label count, head mode and pooling default to the
@@ -54,7 +54,7 @@ def load_hf(path: str | os.PathLike, *, num_labels: int | None = None, dtype: st
         from qvl_core import lora
         from qvl_jax.lora import apply_adapter
 
-        read = lora.read_adapter(adapter)
+        read = adapter if isinstance(adapter, lora.Adapter) else lora.read_adapter(adapter)
         _check_base(read, path, check_base)
         head = read.saved.get("classifier.weight")
         num_labels = num_labels or (head.shape[0] if head is not None else None)
